@@ -1,0 +1,384 @@
+"""Configuration: frozen dataclasses with defaults in code, presets, strict YAML / `key=value` overrides.
+
+Every number defaults to the paper's VOC setting (METHOD.md); presets change only what differs.
+Overrides are strict: an unknown key fails with "did you mean ...", a value of the wrong type fails
+naming the key and the expected type. No registries, no inheritance, no `eval`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cosa.errors import ConfigError
+
+BACKBONES = ("efficientnet_lite0", "vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network of METHOD.md section 1 (both online and assignment networks share it)."""
+
+    backbone: str = "vit_base_patch16"
+    aux_layer: int = -3  # ViT block whose tokens feed the aux CAM (-3 = block 10 of 12)
+    decoder_channels: int = 512  # LargeFOV width
+    decoder_dilation: int = 5
+    pretrained: str | None = None  # local weight file; never downloaded
+    copy_heads_to_teacher: bool = False  # reference: teacher heads keep their own random init
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how training views are made (METHOD.md section 2)."""
+
+    root: str | None = None  # None: the embedded synthetic benchmark, written into the run folder
+    train_split: str = "train"
+    val_split: str = "val"  # used for checkpoint selection
+    test_split: str | None = None  # reported split, never used for selection
+    crop_size: int = 448
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    num_workers: int = 2
+    synth_train: int = 400  # images of the embedded synthetic set
+    synth_val: int = 60
+    synth_test: int = 100
+    synth_seed: int = 0
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    """Teacher pseudo-labels (METHOD.md section 3)."""
+
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5)
+    flip: bool = True
+    high_threshold: float = 0.70
+    low_threshold: float = 0.25
+    aux_high_threshold: float = 0.70
+    aux_low_threshold: float = 0.25
+    seg_temperature: float = 0.01
+    aux_last_scale_only: bool = False  # reference quirk (its aux CAM uses only the last scale)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and the warm-up switch (METHOD.md section 4)."""
+
+    cls_weight: float = 1.0
+    cls_aux_weight: float = 1.0
+    seg_weight: float = 0.1  # cam2seg
+    fg_alpha: float = 0.5  # balance of CE_fg against CE_bg
+    aux_cam2seg_mix: float = 0.5  # share of the aux-CAM pseudo-label in cam2seg
+    cam_weight: float = 0.05  # seg2cam
+    reg_weight: float = 0.05  # CRF energy
+    crf_sigma_rgb: float = 15.0
+    crf_sigma_xy: float = 50.0  # in full-resolution pixels (the energy runs at half resolution)
+    crf_window: int = 9  # local window (k x k) of the pure-PyTorch energy
+    crf_dilation: int = 2
+    warmup_iters: int = 6000  # only cls + cls_aux until then
+    warmup_ramp: int = 0  # 0 = hard switch (reference); > 0 = linear ramp over that many iterations
+
+
+@dataclass(frozen=True)
+class ReliabilityConfig:
+    """Soft perplexity-based reliability weighting, RAW (METHOD.md 5.1, [OURS])."""
+
+    enabled: bool = True
+    temperature: float = 0.1
+    beta: float = 1.0
+    keep_ignore_band: bool = False
+
+
+@dataclass(frozen=True)
+class DynamicThresholdConfig:
+    """Dynamic threshold search with a batched EM mixture (METHOD.md 5.2)."""
+
+    enabled: bool = True
+    queue_images: int = 200
+    stride: int = 16  # max-CAM values are pooled to crop/stride per side before queueing
+    min_value: float = 0.05
+    ema: float = 0.99
+    em_iters: int = 10
+
+
+@dataclass(frozen=True)
+class SeparationConfig:
+    """Contrastive separation, CSP (METHOD.md 5.3, [OURS])."""
+
+    enabled: bool = True
+    weight: float = 0.1
+    temperature: float = 0.1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + linear warm-up + poly decay, EMA teacher (METHOD.md sections 1 and 6)."""
+
+    lr: float = 6e-5
+    head_lr_scale: float = 10.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_warmup_iters: int = 1500
+    poly_power: float = 0.9
+    ema_momentum: float = 0.9994
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop, logging and evaluation cadence."""
+
+    max_iters: int = 32000
+    batch_size: int = 4  # global batch; divided across DDP ranks
+    seed: int = 0
+    eval_every: int = 2000
+    log_every: int = 20
+    checkpoint_every: int = 500
+    amp: str = "auto"  # auto | bf16 | fp16 | off (autocast only ever on CUDA)
+    eval_max_images: int = 0  # 0 = the whole split
+    vis_images: int = 4
+
+
+@dataclass(frozen=True)
+class CosaConfig:
+    """The whole resolved configuration of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    thresholds: DynamicThresholdConfig = field(default_factory=DynamicThresholdConfig)
+    separation: SeparationConfig = field(default_factory=SeparationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), suitable for YAML and checkpoints."""
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+def _voc() -> CosaConfig:
+    base = CosaConfig()
+    return replace(
+        base,
+        data=replace(base.data, train_split="train_aug", val_split="val"),
+        pseudo=replace(base.pseudo, low_threshold=0.20),  # the logged VOC run
+    )
+
+
+def _coco() -> CosaConfig:
+    base = CosaConfig()
+    return replace(
+        base,
+        data=replace(base.data, train_split="train", val_split="val_part"),
+        pseudo=replace(base.pseudo, high_threshold=0.65, low_threshold=0.25),
+        loss=replace(base.loss, warmup_iters=10000),
+        train=replace(base.train, max_iters=60000, batch_size=8, eval_every=6000),
+    )
+
+
+def _reference() -> CosaConfig:
+    """The released reference configuration: VOC with all three techniques off."""
+    voc = _voc()
+    return replace(
+        voc,
+        reliability=replace(voc.reliability, enabled=False),
+        thresholds=replace(voc.thresholds, enabled=False),
+        separation=replace(voc.separation, enabled=False),
+        pseudo=replace(voc.pseudo, aux_last_scale_only=True),
+    )
+
+
+def _demo() -> CosaConfig:
+    """CPU demo on the embedded synthetic benchmark with the shipped EfficientNet-Lite0 weights."""
+    base = CosaConfig()
+    return replace(
+        base,
+        model=replace(base.model, backbone="efficientnet_lite0", decoder_channels=128),
+        data=replace(
+            base.data, train_split="train", val_split="val", test_split="test", crop_size=192,
+            num_workers=1,
+        ),
+        pseudo=replace(base.pseudo, scales=(1.0, 0.75)),
+        loss=replace(base.loss, warmup_iters=150, warmup_ramp=50),
+        optim=replace(base.optim, lr=3e-4, head_lr_scale=10.0, lr_warmup_iters=30, ema_momentum=0.99),
+        train=replace(
+            base.train, max_iters=500, batch_size=8, eval_every=100, log_every=10,
+            checkpoint_every=50, eval_max_images=60,
+        ),
+        thresholds=replace(base.thresholds, queue_images=64),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], CosaConfig]] = {
+    "demo": _demo,
+    "voc": _voc,
+    "coco": _coco,
+    "reference": _reference,
+}
+
+
+def preset(name: str) -> CosaConfig:
+    """Return the named preset.
+
+    Raises:
+        ConfigError: the name is not one of `PRESETS`.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ------------------------------------------------------------------------------------------- overrides
+
+def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check/convert `value` to the dataclass field type `annotation`."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(key, value, non_none[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        item_type = args[0]
+        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
+            return tuple(_coerce(key, v, item_type) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key {key!r} expects {len(args)} values, got {len(value)}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} expects true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
+    by_name = {f.name: f for f in fields(obj)}
+    head = path[0]
+    if head not in by_name:
+        where = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+        raise ConfigError(f"unknown config key {full_key!r}{_suggest(head, by_name)}; "
+                          f"valid keys under {where or 'the top level'}: {', '.join(by_name)}")
+    current = getattr(obj, head)
+    if len(path) == 1:
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {full_key!r} is a section; give a mapping")
+            for sub_key, sub_value in value.items():
+                current = _apply(current, [str(sub_key)], sub_value, f"{full_key}.{sub_key}")
+            return replace(obj, **{head: current})
+        hint = typing.get_type_hints(type(obj))[head]
+        return replace(obj, **{head: _coerce(full_key, value, hint)})
+    if not dataclasses.is_dataclass(current):
+        raise ConfigError(f"config key {full_key!r}: {head!r} is not a section")
+    return replace(obj, **{head: _apply(current, path[1:], value, full_key)})
+
+
+def apply_overrides(cfg: CosaConfig, overrides: dict[str, Any]) -> CosaConfig:
+    """Return `cfg` with dotted-key overrides applied (e.g. `{"train.max_iters": 100}`).
+
+    Raises:
+        ConfigError: unknown key (with a suggestion) or a value of the wrong type.
+    """
+    for key, value in overrides.items():
+        cfg = _apply(cfg, key.split("."), value, key)
+    return cfg
+
+
+def parse_set_option(items: typing.Sequence[str]) -> dict[str, Any]:
+    """Parse `--set key=value` strings; values are YAML scalars/lists (`true`, `0.5`, `[1, 0.5]`)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set train.max_iters=100)")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+    return out
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a nested YAML mapping of overrides.
+
+    Raises:
+        ConfigError: the file is missing, unparsable, or not a mapping.
+    """
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def from_dict(data: dict[str, Any], base: CosaConfig | None = None) -> CosaConfig:
+    """Build a config from a nested dict (e.g. a saved `config.yaml`), strictly."""
+    cfg = base if base is not None else CosaConfig()
+    for key, value in data.items():
+        cfg = _apply(cfg, [str(key)], value, str(key))
+    return cfg
+
+
+def resolve(
+    preset_name: str = "demo",
+    config_file: Path | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> CosaConfig:
+    """Preset, then the YAML file, then `--set` overrides, in that order."""
+    cfg = preset(preset_name)
+    if config_file is not None:
+        cfg = from_dict(load_yaml(config_file), cfg)
+    return apply_overrides(cfg, parse_set_option(overrides))
+
+
+def dump_yaml(cfg: CosaConfig, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

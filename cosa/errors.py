@@ -1,0 +1,42 @@
+"""Exceptions raised by the library. Each message says what was wrong and how to fix it.
+
+`cli.py` maps every `CosaError` to exit code 2 and a one-line message; nothing in the library exits.
+"""
+
+from __future__ import annotations
+
+
+class CosaError(Exception):
+    """Base class of every error a user can fix (bad input, configuration, files)."""
+
+
+class ConfigError(CosaError):
+    """Unknown or invalid configuration key/value."""
+
+
+class DataError(CosaError):
+    """A dataset folder or file is missing, malformed or inconsistent."""
+
+
+class CheckpointError(CosaError):
+    """A checkpoint is missing, corrupt, from another format version, or does not fit the data."""
+
+
+class PretrainedWeightsError(CosaError):
+    """A pretrained weight file is missing or does not match the requested backbone."""
+
+
+class ExportError(CosaError):
+    """Exporting or verifying an artifact failed."""
+
+
+class MissingDependencyError(CosaError):
+    """An optional runtime (TensorRT, CUDA, tritonserver, ...) is not available on this machine."""
+
+
+class ServingError(CosaError):
+    """Triton repository, server or client problem (server down, model not ready, spec mismatch)."""
+
+
+class InputError(CosaError):
+    """A user input (image, video, folder) cannot be read."""
