@@ -1,0 +1,169 @@
+"""Score a predictor on a dataset split: plain mIoU (headline), label-masked mIoU, CAM and CPL quality.
+
+METHOD.md section 7. The label-masked metric (the reference's "Seg_vd") sets the logits of foreground
+classes absent from the ground-truth image label to -inf before the argmax: it leaks labels and is
+reported separately, under that name, never as the headline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cosa.data import DatasetIndex, EvalDataset
+from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cosa.evaluation.metrics import ConfusionMatrix
+from cosa.evaluation.predictors import Predictor
+from cosa.model import CosaNet
+from cosa.pseudo import cam_pseudo_label, teacher_forward
+
+CAM_BACKGROUND_THRESHOLD = 0.5  # METHOD.md 7: CAM metric puts background where max CAM <= 0.5
+
+
+@dataclass
+class EvalResult:
+    """Scores of one split. mIoU values are fractions in [0, 1]."""
+
+    miou: float
+    miou_label_masked: float
+    pixel_accuracy: float
+    per_class: dict[str, float | None]
+    per_class_label_masked: dict[str, float | None]
+    num_images: int
+    split: str
+    protocol: str
+    cam_miou: float | None = None
+    cpl_miou: float | None = None
+    cpl_coverage: float | None = None  # fraction of labelled pixels the CPL does not ignore
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "miou": self.miou,
+            "miou_label_masked": self.miou_label_masked,
+            "pixel_accuracy": self.pixel_accuracy,
+            "cam_miou": self.cam_miou,
+            "cpl_miou": self.cpl_miou,
+            "cpl_coverage": self.cpl_coverage,
+            "num_images": self.num_images,
+            "split": self.split,
+            "protocol": self.protocol,
+            "per_class": self.per_class,
+            "per_class_label_masked": self.per_class_label_masked,
+            "seconds": round(self.seconds, 2),
+            **self.extra,
+        }
+
+
+class CamQuality:
+    """CAM and CAM-pseudo-label quality of a network (teacher multi-scale CAMs, GT image labels)."""
+
+    def __init__(
+        self,
+        net: CosaNet,
+        device: torch.device,
+        num_classes: int,
+        scales: tuple[float, ...],
+        low: float,
+        high: float,
+    ) -> None:
+        self.net = net
+        self.device = device
+        self.scales = scales
+        self.low = low
+        self.high = high
+        self.cam_matrix = ConfusionMatrix(num_classes)
+        self.cpl_matrix = ConfusionMatrix(num_classes)
+        self.cpl_labelled = 0
+        self.labelled = 0
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def update(self, image: np.ndarray, mask: np.ndarray, label: np.ndarray) -> None:
+        """Add one image (uint8 (H, W, 3)), its GT mask (H, W) and image label (C,)."""
+        height, width = mask.shape
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
+        x = (x.float() / 255.0 - self.mean) / self.std
+        y = torch.from_numpy(label).to(self.device)[None].float()
+        teacher = teacher_forward(self.net, x, y, scales=self.scales, flip=True)
+        cam = teacher.cam  # (1, C, H, W) in [0, 1], absent classes zero
+        peak, arg = cam.max(dim=1)
+        cam_pred = torch.where(peak > CAM_BACKGROUND_THRESHOLD, arg + 1, torch.zeros_like(arg))
+        self.cam_matrix.update(cam_pred[0].cpu().numpy(), mask)
+        box = torch.tensor([[0, height, 0, width]], device=self.device)
+        cpl = cam_pseudo_label(cam, box, self.low, self.high)[0].cpu().numpy()  # (H, W), 255 = ignore
+        keep = (cpl != 255) & (mask != 255)
+        target = np.where(keep, mask, 255).astype(np.uint8)
+        self.cpl_matrix.update(np.where(keep, cpl, 0), target)
+        self.cpl_labelled += int(keep.sum())
+        self.labelled += int((mask != 255).sum())
+
+
+def evaluate(
+    predictor: Predictor,
+    index: DatasetIndex,
+    protocol: str = "deploy",
+    max_images: int = 0,
+    cam_quality: CamQuality | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Run `predictor` over the split of `index` and score it against its masks.
+
+    Args:
+        predictor: image (H, W, 3) uint8 -> logits (K, H, W) float32.
+        index: an opened split with masks.
+        protocol: a label for the report ("deploy" or "paper").
+        max_images: score only the first N images (0 = all).
+        cam_quality: optional CAM/CPL scorer fed the same images.
+        progress: optional callback `(done, total)`.
+    """
+    dataset = EvalDataset(index)
+    total = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    num_classes = len(index.class_names)
+    plain = ConfusionMatrix(num_classes)
+    masked = ConfusionMatrix(num_classes)
+    start = time.perf_counter()
+    for i in range(total):
+        item = dataset[i]
+        logits = np.asarray(predictor(item["image"]), dtype=np.float32)  # (K, H, W)
+        mask = item["mask"]
+        if logits.shape[1:] != mask.shape:
+            raise ValueError(f"{item['name']}: prediction {logits.shape[1:]} != mask {mask.shape}")
+        plain.update(logits.argmax(0), mask)
+        present = np.concatenate([[1.0], item["label"]]) > 0  # background always allowed
+        masked_logits = np.where(present[:, None, None], logits, -np.inf)
+        masked.update(masked_logits.argmax(0), mask)
+        if cam_quality is not None:
+            cam_quality.update(item["image"], mask, item["label"])
+        if progress is not None:
+            progress(i + 1, total)
+    plain_scores, masked_scores = plain.scores(), masked.scores()
+    result = EvalResult(
+        miou=plain_scores.miou,
+        miou_label_masked=masked_scores.miou,
+        pixel_accuracy=plain_scores.pixel_accuracy,
+        per_class=plain_scores.per_class(list(index.class_names)),
+        per_class_label_masked=masked_scores.per_class(list(index.class_names)),
+        num_images=total,
+        split=index.split,
+        protocol=protocol,
+        seconds=time.perf_counter() - start,
+    )
+    if cam_quality is not None:
+        result.cam_miou = cam_quality.cam_matrix.scores().miou
+        result.cpl_miou = cam_quality.cpl_matrix.scores().miou
+        result.cpl_coverage = cam_quality.cpl_labelled / max(1, cam_quality.labelled)
+    return result
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, K, h, w) -> (N, K, H, W) bilinear, no antialias (matches the deploy graph)."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,82 @@
+"""Ways to turn one image into segmentation logits, for evaluation.
+
+A predictor maps an RGB uint8 image (H, W, 3) to float32 logits (K, H, W) at the image's size.
+`DeployPredictor` scores exactly what `cosa segment` writes (deploy forward, native resolution, single
+scale). `PaperProtocolPredictor` is the reference protocol (METHOD.md 7): resize to 448x448 ignoring
+aspect, scales (1.0, 0.5, 1.5, 0.75, 1.25) + flip, summed seg logits, upsampled to the label size.
+Exported artifacts (ONNX, TensorRT) plug in through any callable with the same signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cosa.model import CosaNet, DeployModel
+
+
+class Predictor(Protocol):
+    """`(image uint8 (H, W, 3)) -> logits float32 (K, H, W)`."""
+
+    def __call__(self, image: np.ndarray) -> np.ndarray: ...
+
+
+def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 0-255."""
+    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+
+
+class DeployPredictor:
+    """The deploy forward of a network (what `cosa segment --backend torch` runs)."""
+
+    def __init__(self, net: CosaNet, device: torch.device) -> None:
+        self.model = DeployModel(net).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        logits, _ = self.model(_to_tensor(image, self.device))  # (1, K, H, W)
+        return logits[0].float().cpu().numpy()
+
+
+class PaperProtocolPredictor:
+    """Reference test-time protocol: square resize, multi-scale + flip, summed logits."""
+
+    def __init__(
+        self,
+        net: CosaNet,
+        device: torch.device,
+        scales: Sequence[float] = (1.0, 0.5, 1.5, 0.75, 1.25),
+        flip: bool = True,
+        size: int = 448,
+    ) -> None:
+        self.net = net.to(device).eval()
+        self.device = device
+        self.scales = tuple(scales)
+        self.flip = flip
+        self.size = size
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        x = (_to_tensor(image, self.device) - self.mean) / self.std
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        total = None
+        for scale in self.scales:
+            side = max(16, int(round(self.size * scale / 16)) * 16)
+            xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+            batch = torch.cat([xs, xs.flip(-1)]) if self.flip else xs
+            seg = self.net.forward_seg(batch)  # (1 or 2, K, side/16, side/16)
+            seg = F.interpolate(seg.float(), size=(self.size, self.size), mode="bilinear",
+                                align_corners=False)
+            summed = seg[0] + seg[1].flip(-1) if self.flip else seg[0]
+            total = summed if total is None else total + summed
+        logits = F.interpolate(total[None], size=(height, width), mode="bilinear", align_corners=False)
+        return logits[0].cpu().numpy()

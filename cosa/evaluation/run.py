@@ -1,0 +1,58 @@
+"""`cosa eval` for checkpoints: build the predictor of the chosen protocol and score a split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from cosa.checkpoint import build_teacher_from_checkpoint, load_checkpoint
+from cosa.data import open_dataset
+from cosa.errors import CheckpointError, ConfigError
+from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
+from cosa.evaluation.predictors import DeployPredictor, PaperProtocolPredictor, Predictor
+from cosa.train.distributed import resolve_device
+
+PROTOCOLS = ("deploy", "paper")
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data: Path,
+    split: str = "val",
+    protocol: str = "deploy",
+    scales: Sequence[float] = (1.0, 0.5, 1.5, 0.75, 1.25),
+    flip: bool = True,
+    with_cam: bool = True,
+    max_images: int = 0,
+    device: str = "auto",
+) -> EvalResult:
+    """Score the assignment network (teacher) of `checkpoint` on `data`/`split`.
+
+    Raises:
+        ConfigError: unknown protocol. CheckpointError: unreadable checkpoint, or its classes do not
+        match the dataset's. DataError: bad dataset.
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    torch_device = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, map_location=torch_device)
+    index = open_dataset(data, split)
+    if list(index.class_names) != list(ckpt.class_names):
+        raise CheckpointError(
+            f"{checkpoint} predicts {len(ckpt.class_names)} classes ({', '.join(ckpt.class_names[:4])}, ...) "
+            f"but {data} has {len(index.class_names)} ({', '.join(index.class_names[:4])}, ...); "
+            "evaluate on the dataset the model was trained for"
+        )
+    net = build_teacher_from_checkpoint(ckpt).to(torch_device)
+    predictor: Predictor
+    if protocol == "paper":
+        predictor = PaperProtocolPredictor(net, torch_device, scales=scales, flip=flip)
+    else:
+        predictor = DeployPredictor(net, torch_device)
+    quality = None
+    if with_cam:
+        thresholds = (ckpt.thresholds or {}).get("main") or {}
+        low = float(thresholds.get("low", ckpt.config.pseudo.low_threshold))
+        high = float(thresholds.get("high", ckpt.config.pseudo.high_threshold))
+        quality = CamQuality(net, torch_device, len(index.class_names), ckpt.config.pseudo.scales, low, high)
+    return evaluate(predictor, index, protocol=protocol, max_images=max_images, cam_quality=quality)

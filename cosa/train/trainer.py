@@ -1,0 +1,449 @@
+"""The CoSA training loop (METHOD.md), read top-down: set-up, then one function per phase.
+
+One step: the assignment network (EMA teacher) makes multi-scale pseudo-labels from the weak view
+without autograd; the online network (student) sees the strong view; the objective swaps the
+assignments (CAM -> seg, seg -> CAM) and adds the regulariser and the three techniques; AdamW steps; the
+teacher follows by EMA. Everything a resume needs goes into `checkpoints/last.pt` atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from cosa import __version__
+from cosa.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cosa.config import CosaConfig, dump_yaml
+from cosa.data import DatasetIndex, EvalDataset, TrainDataset, open_dataset, write_synthetic_dataset
+from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cosa.errors import CheckpointError, ConfigError, DataError
+from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
+from cosa.evaluation.predictors import DeployPredictor
+from cosa.losses import CosaObjective
+from cosa.model import CosaNet, build_model, ema_update, make_teacher
+from cosa.pseudo import DynamicThresholds, cam_pseudo_label, seg_pseudo_label, teacher_forward
+from cosa.train.distributed import DistContext, barrier, setup_distributed, teardown_distributed
+from cosa.train.rng import restore_rng_state, rng_state, seed_everything
+from cosa.train.runlog import MetricsLog, read_metrics
+from cosa.train.sampler import ResumableSampler
+from cosa.train.schedule import build_optimizer, build_scheduler
+from cosa.train.visualize import cam_picture, save_curves, save_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced. mIoU values are fractions in [0, 1]."""
+
+    out: Path
+    iterations: int
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    best_val_miou: float | None
+    best_iteration: int | None
+    test: dict[str, Any] | None
+    seconds_per_iter: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "iterations": self.iterations,
+            "last_checkpoint": str(self.last_checkpoint),
+            "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+            "best_val_miou": self.best_val_miou,
+            "best_iteration": self.best_iteration,
+            "test": self.test,
+            "seconds_per_iter": self.seconds_per_iter,
+            **self.extra,
+        }
+
+
+class _EpochIndexed(Dataset):
+    """Feeds `(epoch, index)` keys from `ResumableSampler` to a `TrainDataset`."""
+
+    def __init__(self, base: TrainDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        return self.base.get(index, epoch)
+
+
+def _autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """Autocast only ever on CUDA: bf16 where supported, else fp16; None = full precision."""
+    if device.type != "cuda" or choice == "off":
+        return None
+    if choice == "fp16":
+        return torch.float16
+    if choice == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _freeze_batchnorm(module: torch.nn.Module) -> None:
+    """Keep BatchNorm statistics fixed (eval mode); small per-device batches would corrupt them."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class Trainer:
+    """Owns the networks, optimiser, data and run folder of one training run (one process)."""
+
+    def __init__(self, cfg: CosaConfig, out: Path, ctx: DistContext, resume: bool,
+                 max_iters: int | None = None) -> None:
+        self.out = out
+        self.ctx = ctx
+        self.ckpt_dir = out / "checkpoints"
+        last = self.ckpt_dir / "last.pt"
+        resumed: Checkpoint | None = None
+        if resume:
+            if not last.is_file():
+                raise CheckpointError(f"--resume: no checkpoint at {last}; start the run without --resume")
+            resumed = load_checkpoint(last, map_location="cpu")
+            cfg = resumed.config  # a resumed run keeps its own config; only the length may change
+        elif last.exists():
+            raise ConfigError(f"{out} already holds a run ({last}); pass --resume to continue it or "
+                              "choose another --out")
+        if max_iters is not None:
+            cfg = replace(cfg, train=replace(cfg.train, max_iters=max_iters))
+        self.cfg = cfg
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            self.ckpt_dir.mkdir(exist_ok=True)
+            dump_yaml(cfg, out / "config.yaml")
+        self.train_index, self.val_index, self.test_index = self._open_data()
+        self.class_names = list(self.train_index.class_names)
+        self.palette = [list(map(int, c)) for c in self.train_index.palette]
+        num_fg = len(self.class_names) - 1
+        if resumed is not None and resumed.class_names != self.class_names:
+            raise CheckpointError(
+                f"{last} was trained on {len(resumed.class_names)} classes, the data has "
+                f"{len(self.class_names)}; resume with the same --data"
+            )
+
+        seed_everything(cfg.train.seed)
+        self.student: CosaNet = build_model(cfg.model, num_classes=num_fg,
+                                            load_pretrained=resumed is None).to(ctx.device)
+        self.teacher: CosaNet = make_teacher(self.student, cfg.model.copy_heads_to_teacher).to(ctx.device)
+        self.teacher.eval()
+        self.optimizer = build_optimizer(
+            self.student.param_groups(cfg.optim.lr, cfg.optim.head_lr_scale, cfg.optim.weight_decay),
+            cfg.optim,
+        )
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_iters)
+        self.amp_dtype = _autocast_dtype(cfg.train.amp, ctx.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.objective = CosaObjective(cfg)
+        per_side = max(1, cfg.data.crop_size // cfg.thresholds.stride)
+        self.thresholds = {
+            "main": DynamicThresholds(
+                cfg.pseudo.low_threshold, cfg.pseudo.high_threshold, cfg.thresholds.queue_images,
+                per_side * per_side, cfg.thresholds.min_value, cfg.thresholds.ema,
+                cfg.thresholds.em_iters, device=ctx.device, seed=cfg.train.seed),
+            "aux": DynamicThresholds(
+                cfg.pseudo.aux_low_threshold, cfg.pseudo.aux_high_threshold, cfg.thresholds.queue_images,
+                per_side * per_side, cfg.thresholds.min_value, cfg.thresholds.ema,
+                cfg.thresholds.em_iters, device=ctx.device, seed=cfg.train.seed + 1),
+        }
+        self.iteration = 0
+        self.best_miou: float | None = None
+        self.best_iteration: int | None = None
+        if resumed is not None:
+            self._restore(resumed)
+        self.model: torch.nn.Module = self.student
+        if ctx.distributed:
+            self.model = DistributedDataParallel(
+                self.student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                find_unused_parameters=True,  # decoder and heads get no gradient during the warm-up
+            )
+        self.batches = self._loader()
+        self.metrics = (MetricsLog(out / "metrics.jsonl", resume_iteration=self.iteration if resume else None)
+                        if ctx.is_main else None)
+        self.vis_rows = self._fixed_vis_images()
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _open_data(self) -> tuple[DatasetIndex, DatasetIndex, DatasetIndex | None]:
+        data = self.cfg.data
+        if data.root is None:
+            root = self.out / "data"
+            if self.ctx.is_main and not (root / "classes.json").exists():
+                log.info("writing the embedded synthetic dataset to %s", root)
+                write_synthetic_dataset(root, data.synth_train, data.synth_val, data.synth_test,
+                                        seed=data.synth_seed)
+            barrier(self.ctx)
+        else:
+            root = Path(data.root)
+        train = open_dataset(root, data.train_split)
+        val = open_dataset(root, data.val_split)
+        test = open_dataset(root, data.test_split) if data.test_split else None
+        if len(train.samples) == 0:
+            raise DataError(f"{root}: split {data.train_split!r} is empty")
+        return train, val, test
+
+    def _loader(self) -> Iterator[dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        if cfg.train.batch_size % self.ctx.world_size:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                              f"{self.ctx.world_size} processes")
+        per_rank = cfg.train.batch_size // self.ctx.world_size
+        dataset = TrainDataset(self.train_index, cfg.data.crop_size,
+                               (cfg.data.scale_min, cfg.data.scale_max), seed=cfg.train.seed)
+        sampler = ResumableSampler(len(dataset), per_rank, self.ctx.rank, self.ctx.world_size,
+                                   seed=cfg.train.seed, start_iteration=self.iteration)
+        loader = DataLoader(
+            _EpochIndexed(dataset), batch_size=per_rank, sampler=sampler, drop_last=True,
+            num_workers=cfg.data.num_workers, pin_memory=self.ctx.device.type == "cuda",
+            persistent_workers=cfg.data.num_workers > 0,
+        )
+        return iter(loader)
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        self.student.load_state_dict(ckpt.online)
+        self.teacher.load_state_dict(ckpt.teacher)
+        if ckpt.optimizer is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer)
+        if ckpt.scheduler is not None:
+            self.scheduler.load_state_dict(ckpt.scheduler)
+        if ckpt.scaler is not None:
+            self.scaler.load_state_dict(ckpt.scaler)
+        if ckpt.thresholds is not None:
+            for name, state in ckpt.thresholds.items():
+                self.thresholds[name].load_state_dict(state)
+        if ckpt.rng is not None:
+            restore_rng_state(ckpt.rng)
+        self.iteration = ckpt.iteration
+        self.best_miou = ckpt.metrics.get("best_val_miou")
+        self.best_iteration = ckpt.metrics.get("best_iteration")
+        log.info("resumed from iteration %d", self.iteration)
+
+    def _fixed_vis_images(self) -> list[dict[str, Any]]:
+        if not self.ctx.is_main or self.cfg.train.vis_images <= 0:
+            return []
+        dataset = EvalDataset(self.val_index)
+        return [dataset[i] for i in range(min(self.cfg.train.vis_images, len(dataset)))]
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    def run(self, progress: bool = True) -> TrainResult:
+        cfg = self.cfg
+        bar = None
+        if progress and self.ctx.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.max_iters, initial=self.iteration, desc="train", unit="it",
+                       dynamic_ncols=True)
+        timings: list[float] = []
+        while self.iteration < cfg.train.max_iters:
+            start = time.perf_counter()
+            batch = next(self.batches)
+            self.iteration += 1
+            record = self._step(batch)
+            elapsed = time.perf_counter() - start
+            timings.append(elapsed)
+            record.update(kind="step", iter=self.iteration, sec_per_it=elapsed,
+                          images_per_sec=cfg.train.batch_size / elapsed)
+            if self.metrics is not None:
+                self.metrics.write(record)
+            if bar is not None:
+                bar.update(1)
+                if self.iteration % cfg.train.log_every == 0:
+                    bar.set_postfix(loss=f"{record['loss/total']:.3f}", tau_l=f"{record['tau_low']:.2f}",
+                                    tau_h=f"{record['tau_high']:.2f}")
+            if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.train.max_iters:
+                self._evaluate_and_select()
+            if self.iteration % cfg.train.checkpoint_every == 0 or self.iteration == cfg.train.max_iters:
+                self._save(self.ckpt_dir / "last.pt")
+        if bar is not None:
+            bar.close()
+        return self._finish(timings)
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One optimisation step; returns the per-step metrics record."""
+        cfg, device = self.cfg, self.ctx.device
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.model.train()
+        _freeze_batchnorm(self.model)
+        autocast = (torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else nullcontext())
+        with autocast:
+            teacher = teacher_forward(self.teacher, batch["weak"], batch["label"], scales=cfg.pseudo.scales,
+                                      flip=cfg.pseudo.flip,
+                                      aux_last_scale_only=cfg.pseudo.aux_last_scale_only)
+            thresholds = self._thresholds(teacher)
+            student = self.model(batch["strong"])
+            result = self.objective(student, teacher, batch, thresholds, self.iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(result.total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        ema_update(self.teacher, self.student, cfg.optim.ema_momentum)
+
+        record: dict[str, Any] = {"loss/total": float(result.total.detach())}
+        record.update({f"loss/{k}": float(v.detach()) for k, v in result.terms.items()})
+        record.update({f"lr/group{i}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
+        record.update(tau_low=float(thresholds["low"]), tau_high=float(thresholds["high"]),
+                      tau_aux_low=float(thresholds["aux_low"]), tau_aux_high=float(thresholds["aux_high"]))
+        if not math.isfinite(record["loss/total"]):
+            raise FloatingPointError(f"loss became {record['loss/total']} at iteration {self.iteration}; "
+                                     "lower the learning rate or use train.amp=off")
+        return record
+
+    def _thresholds(self, teacher: Any) -> dict[str, Any]:
+        """Current CPL thresholds: fixed, or pushed through the dynamic search (METHOD.md 5.2)."""
+        cfg = self.cfg
+        if not cfg.thresholds.enabled:
+            return {"low": cfg.pseudo.low_threshold, "high": cfg.pseudo.high_threshold,
+                    "aux_low": cfg.pseudo.aux_low_threshold, "aux_high": cfg.pseudo.aux_high_threshold}
+        stride = cfg.thresholds.stride
+        pooled = F.avg_pool2d(teacher.cam.float().amax(dim=1, keepdim=True), stride)[:, 0]  # (B, h, w)
+        pooled_aux = F.avg_pool2d(teacher.aux_cam.float().amax(dim=1, keepdim=True), stride)[:, 0]
+        low, high = self.thresholds["main"].update(pooled)
+        aux_low, aux_high = self.thresholds["aux"].update(pooled_aux)
+        return {"low": low, "high": high, "aux_low": aux_low, "aux_high": aux_high}
+
+    # ------------------------------------------------------------------------------ evaluation, saving
+
+    def _evaluate_and_select(self) -> None:
+        """Score the teacher on the selection split (val) on rank 0; keep the best as best.pt."""
+        if self.ctx.is_main:
+            result = self.evaluate_teacher(self.val_index)
+            record = {"kind": "eval", "iter": self.iteration, "split": result.split, "miou": result.miou,
+                      "miou_label_masked": result.miou_label_masked, "cam_miou": result.cam_miou,
+                      "cpl_miou": result.cpl_miou, "cpl_coverage": result.cpl_coverage,
+                      "eval_seconds": result.seconds}
+            if self.metrics is not None:
+                self.metrics.write(record)
+            log.info("iter %d: val mIoU %.4f, CAM mIoU %.4f", self.iteration, result.miou,
+                     result.cam_miou or float("nan"))
+            self._save_grid()
+            if self.best_miou is None or result.miou > self.best_miou:
+                self.best_miou, self.best_iteration = result.miou, self.iteration
+                self._save(self.ckpt_dir / "best.pt")
+        barrier(self.ctx)
+
+    def evaluate_teacher(self, index: DatasetIndex, max_images: int | None = None) -> EvalResult:
+        cfg = self.cfg
+        limit = cfg.train.eval_max_images if max_images is None else max_images
+        low, high = self._current_thresholds()
+        quality = CamQuality(self.teacher, self.ctx.device, len(self.class_names), cfg.pseudo.scales,
+                             low, high)
+        return evaluate(DeployPredictor(self.teacher, self.ctx.device), index, protocol="deploy",
+                        max_images=limit, cam_quality=quality)
+
+    def _current_thresholds(self) -> tuple[float, float]:
+        if self.cfg.thresholds.enabled:
+            return float(self.thresholds["main"].low), float(self.thresholds["main"].high)
+        return self.cfg.pseudo.low_threshold, self.cfg.pseudo.high_threshold
+
+    @torch.no_grad()
+    def _save_grid(self) -> None:
+        if not self.vis_rows:
+            return
+        device = self.ctx.device
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        predictor = DeployPredictor(self.teacher, device)
+        low, high = self._current_thresholds()
+        rows = []
+        for item in self.vis_rows:
+            image, mask = item["image"], item["mask"]
+            height, width = mask.shape
+            x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+            x = (x / 255.0 - mean) / std
+            label = torch.from_numpy(item["label"]).to(device)[None].float()
+            teacher = teacher_forward(self.teacher, x, label, scales=self.cfg.pseudo.scales, flip=True)
+            box = torch.tensor([[0, height, 0, width]], device=device)
+            cpl = cam_pseudo_label(teacher.cam, box, low, high)[0].cpu().numpy()
+            spl = seg_pseudo_label(teacher.seg, label, self.cfg.pseudo.seg_temperature).argmax(1)[0]
+            rows.append({
+                "image": image,
+                "CAM": cam_picture(image, teacher.cam.amax(dim=1)[0].cpu().numpy()),
+                "CPL": cpl,
+                "SPL": spl.cpu().numpy(),
+                "prediction": predictor(image).argmax(0),
+                "ground truth": mask,
+            })
+        save_grid(rows, self.palette, self.out / "vis" / f"iter_{self.iteration:06d}.png")
+
+    def _save(self, path: Path) -> None:
+        if not self.ctx.is_main:
+            return
+        ckpt = Checkpoint(
+            config=self.cfg,
+            class_names=self.class_names,
+            palette=self.palette,
+            iteration=self.iteration,
+            online=self.student.state_dict(),
+            teacher=self.teacher.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=rng_state(),
+            thresholds={name: t.state_dict() for name, t in self.thresholds.items()},
+            metrics={"best_val_miou": self.best_miou, "best_iteration": self.best_iteration,
+                     "selection_split": self.val_index.split},
+            package_version=__version__,
+        )
+        save_checkpoint(ckpt, path)
+
+    def _finish(self, timings: list[float]) -> TrainResult:
+        last = self.ckpt_dir / "last.pt"
+        best = self.ckpt_dir / "best.pt"
+        test = None
+        if self.ctx.is_main:
+            if self.metrics is not None:
+                self.metrics.close()
+                save_curves(read_metrics(self.out / "metrics.jsonl"), self.out / "curves.png")
+            if self.test_index is not None and best.is_file():
+                best_ckpt = load_checkpoint(best, map_location=self.ctx.device)
+                self.teacher.load_state_dict(best_ckpt.teacher)
+                test = self.evaluate_teacher(self.test_index, max_images=0).to_json()
+                test["checkpoint"] = str(best)
+        steady = timings[min(len(timings) - 1, 3):] if timings else []
+        return TrainResult(
+            out=self.out,
+            iterations=self.iteration,
+            last_checkpoint=last,
+            best_checkpoint=best if best.is_file() else None,
+            best_val_miou=self.best_miou,
+            best_iteration=self.best_iteration,
+            test=test,
+            seconds_per_iter=float(np.mean(steady)) if steady else float("nan"),
+            extra={"selection_split": self.val_index.split,
+                   "test_split": self.test_index.split if self.test_index else None,
+                   "world_size": self.ctx.world_size},
+        )
+
+
+def train(cfg: CosaConfig, out: Path, device: str = "auto", resume: bool = False,
+          max_iters: int | None = None, progress: bool = True) -> TrainResult:
+    """Train one run in this process (a DDP rank when launched by torchrun).
+
+    With `resume`, the run's own config (from `checkpoints/last.pt`) is used and `cfg` is ignored;
+    `max_iters` may still lengthen or shorten the run.
+    """
+    ctx = setup_distributed(device)
+    try:
+        return Trainer(cfg, out, ctx, resume, max_iters=max_iters).run(progress=progress)
+    finally:
+        teardown_distributed()

@@ -1,0 +1,33 @@
+"""LR schedule and the resumable sampler."""
+
+import pytest
+
+from cosa.train.sampler import ResumableSampler
+from cosa.train.schedule import lr_multiplier
+
+
+def test_lr_warmup_then_poly() -> None:
+    assert lr_multiplier(0, 1500, 32000, 0.9) == pytest.approx(1e-6 * 1.0, rel=1e-3)
+    assert lr_multiplier(750, 1500, 32000, 0.9) == pytest.approx(0.5 * (1 - 750 / 32000) ** 0.9, rel=1e-4)
+    assert lr_multiplier(1500, 1500, 32000, 0.9) == pytest.approx((1 - 1500 / 32000) ** 0.9)
+    assert lr_multiplier(32000, 1500, 32000, 0.9) == 0.0
+
+
+def _take(sampler: ResumableSampler, n: int) -> list[tuple[int, int]]:
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def test_sampler_resumes_exactly_and_shards_ranks() -> None:
+    full = _take(ResumableSampler(10, 2, 0, 1, seed=5), 20)  # 5 iterations per epoch, 2 epochs
+    resumed = _take(ResumableSampler(10, 2, 0, 1, seed=5, start_iteration=3), 14)
+    assert resumed == full[6:]
+    assert sorted(i for e, i in full[:10]) == list(range(10)) and full[10][0] == 1
+    rank0 = _take(ResumableSampler(10, 2, 0, 2, seed=5), 4)
+    rank1 = _take(ResumableSampler(10, 2, 1, 2, seed=5), 4)
+    assert not {i for _, i in rank0} & {i for _, i in rank1}
+
+
+def test_sampler_rejects_tiny_dataset() -> None:
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        ResumableSampler(3, 2, 0, 2, seed=0)
