@@ -1,0 +1,117 @@
+"""Torch datasets over a `DatasetIndex`: training views and evaluation samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cosa.data.image_io import read_mask, read_rgb
+from cosa.data.index import DatasetIndex
+from cosa.data.transforms import make_train_views
+from cosa.errors import ConfigError, DataError
+
+
+class TrainDataset(Dataset):
+    """Aligned weak/strong views (METHOD.md section 2) with image-level labels.
+
+    The augmentation of item i in epoch e is a pure function of (seed, e, i), independent of worker
+    count and order, so a resumed run sees the same views. Items may be requested as `i` (the epoch
+    set by `set_epoch`) or as `(epoch, i)` pairs (as `cosa.train.sampler.ResumableSampler` yields).
+
+    Each item is a dict:
+        weak, strong: float32 (3, crop, crop), ImageNet-normalised;
+        label: float32 (C,) image-level label;
+        img_box: int64 (4,) [h0, h1, w0, w1] valid region of the crop;
+        index: int, position in the index.
+    """
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        crop_size: int,
+        scale_range: tuple[float, float],
+        seed: int,
+    ) -> None:
+        """
+        Raises:
+            ConfigError: crop_size < 16, a scale range that is not 0 < low <= high, or seed < 0.
+        """
+        low, high = scale_range
+        if crop_size < 16:
+            raise ConfigError(f"data.crop_size must be >= 16 (one output cell), got {crop_size}")
+        if not 0 < low <= high:
+            raise ConfigError(f"data.scale_min/scale_max must satisfy 0 < min <= max, got "
+                              f"({low}, {high})")
+        if seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {seed}")
+        self.index = index
+        self.crop_size = crop_size
+        self.scale_range = (float(low), float(high))
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch used for plain integer indices."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index.samples)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        epoch, i = item if isinstance(item, tuple) else (self.epoch, item)
+        sample = self.index.samples[i]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, i]))
+        views = make_train_views(read_rgb(sample.image_path), self.crop_size, self.scale_range, rng)
+        return {
+            "weak": views.weak,
+            "strong": views.strong,
+            "label": torch.from_numpy(np.array(sample.label, dtype=np.float32)),
+            "img_box": views.img_box,
+            "index": i,
+        }
+
+
+class EvalDataset(Dataset):
+    """Whole images with their masks, unaugmented, for evaluation.
+
+    Each item is a dict:
+        image: uint8 (H, W, 3) RGB (EXIF orientation applied);
+        mask: uint8 (H, W) ids, 255 = ignore;
+        label: float32 (C,) image-level label;
+        name: the sample's name.
+    """
+
+    def __init__(self, index: DatasetIndex) -> None:
+        """
+        Raises:
+            DataError: some samples have no mask.
+        """
+        missing = [s.name for s in index.samples if s.mask_path is None]
+        if missing:
+            raise DataError(
+                f"split {index.split!r} of {index.root}: {len(missing)} of {len(index.samples)} "
+                f"images have no mask (first: {missing[0]}); evaluate on a split with masks "
+                "(e.g. val) or add SegmentationClass/ PNGs"
+            )
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index.samples)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray | str]:
+        sample = self.index.samples[i]
+        if sample.mask_path is None:  # excluded by __init__; kept for type narrowing
+            raise DataError(f"{sample.name} has no mask")
+        image = np.asarray(read_rgb(sample.image_path), dtype=np.uint8)
+        mask = read_mask(sample.mask_path)
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
+                            f"{sample.image_path} is {image.shape[1]}x{image.shape[0]} (after EXIF "
+                            "rotation); masks must match their images")
+        return {
+            "image": image,
+            "mask": mask,
+            "label": np.array(sample.label, dtype=np.float32),
+            "name": sample.name,
+        }
