@@ -78,7 +78,7 @@ class LossConfig:
     cam_weight: float = 0.05  # seg2cam
     reg_weight: float = 0.05  # CRF energy
     crf_sigma_rgb: float = 15.0
-    crf_sigma_xy: float = 50.0  # in full-resolution pixels (the energy runs at half resolution)
+    crf_sigma_xy: float = 100.0  # full-resolution pixels = 50 at the half resolution the energy runs at (reference)
     crf_window: int = 9  # local window (k x k) of the pure-PyTorch energy
     crf_dilation: int = 2
     warmup_iters: int = 6000  # only cls + cls_aux until then
@@ -136,6 +136,7 @@ class TrainConfig:
 
     max_iters: int = 32000
     batch_size: int = 4  # global batch; divided across DDP ranks
+    supervision: str = "weak"  # weak (CoSA) | full (pixel labels: the fully supervised upper bound)
     seed: int = 0
     eval_every: int = 2000
     log_every: int = 20
