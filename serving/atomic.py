@@ -1,0 +1,54 @@
+"""Atomic output files: write to a temporary file in the target's folder, then `os.replace`.
+
+A reader (or a later `--skip-existing` run) sees either no file or the complete one, never an
+empty or half-written file: `os.replace` within one folder is atomic on POSIX and Windows. The
+temporary name is hidden (leading dot), keeps the target's suffix (OpenCV and Pillow pick the
+container from it), and is removed when writing fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path"]
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success move it over `path`, on error delete it.
+
+    The temporary file is created empty (mode 0o666 minus the umask, like any new file, unlike
+    `tempfile.mkstemp`'s 0o600) so that its name is reserved; the caller overwrites it.
+
+    Args:
+        path: the final file. Its folder is created if missing.
+
+    Yields:
+        The temporary path, in the same folder, with the same suffix.
+
+    Raises:
+        OSError: the folder cannot be created or written (the caller names the file in its error).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # another writer drew the same token: draw again
+            continue
+        os.close(fd)
+        break
+    try:
+        yield tmp
+        if tmp.stat().st_size == 0:
+            # Every format written here has a non-empty encoding; an empty file means the writer
+            # silently failed (e.g. an OpenCV VideoWriter that wrote nothing).
+            raise OSError(f"writing {path} produced an empty file")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,176 @@
+"""Robust image decoding: any supported file to uint8 RGB at its displayed size, or a clear error.
+
+Policy (what is done to each kind of image, so that nothing is changed silently):
+- EXIF orientation is applied (`PIL.ImageOps.exif_transpose`): the array, and so the mask, has
+  the size the image is displayed at.
+- Grayscale ("L"), 1-bit ("1"), palette ("P"), CMYK, YCbCr: converted to RGB by Pillow. CMYK uses
+  Pillow's plain conversion (embedded ICC profiles are not applied).
+- Alpha (RGBA, LA, PA, palette with transparency): composited onto black, i.e. each colour is
+  multiplied by its opacity. Fully transparent pixels become black whatever colour they hid, so
+  hidden colours never reach the model.
+- 16-bit grayscale ("I;16*"): scaled to 8 bit by round(v * 255 / 65535). 16-bit RGB files are
+  reduced to 8 bit by Pillow itself when opened. 32-bit integer ("I") is read as 16-bit data and
+  refused if a value lies outside 0-65535; floating point ("F") is refused (its range is unknown).
+- Multi-frame files (TIFF pages, animated WebP, MPO): the first frame.
+- Decompression bombs: more pixels than `PIL.Image.MAX_IMAGE_PIXELS` (Pillow's limit, about 89.5 M
+  by default) is refused before decoding. Very small (1x1) and very elongated images are fine.
+
+Only the formats of `SUPPORTED_SUFFIXES` are decoded, whatever the file's name says: Pillow
+identifies the format from the content, and is restricted to `PIL_FORMATS` so that a renamed file
+cannot reach a rarely used decoder.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cosa.errors import InputError
+
+__all__ = ["PIL_FORMATS", "SUPPORTED_SUFFIXES", "ImageReadError", "load_image", "pil_to_rgb"]
+
+SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+)
+"""Lower-case file suffixes taken as images (compare with `path.suffix.lower()`)."""
+
+# Pillow format ids of those suffixes ("JPEG" also opens MPO, the multi-picture JPEG of cameras).
+PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "DIB", "WEBP", "TIFF")
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+class ImageReadError(InputError):
+    """An image file cannot be decoded. `reason` is the message without the path."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def load_image(path: Path | str) -> np.ndarray:
+    """Decode an image file to RGB at its displayed size (see the module docstring for the policy).
+
+    Args:
+        path: an image file (JPEG, PNG, BMP, WebP or TIFF content, whatever its suffix).
+
+    Returns:
+        uint8 array (H, W, 3), RGB, 0-255, C-contiguous; H, W as displayed (EXIF orientation
+        applied).
+
+    Raises:
+        ImageReadError: (an `InputError`) missing file, dangling symlink, folder, permission denied,
+            empty, not an image, truncated or corrupt, unsupported colour mode, or more pixels than
+            Pillow's decompression-bomb limit. The message names the file and the reason.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with open(path, "rb") as fh:
+            decoded = Image.open(fh, formats=PIL_FORMATS)
+            _check_pixels(path, decoded.size)
+            decoded.load()
+            return pil_to_rgb(ImageOps.exif_transpose(decoded), path)
+    except ImageReadError:
+        raise
+    except PermissionError as exc:
+        raise ImageReadError(path, "permission denied; make the file readable") from exc
+    except IsADirectoryError as exc:
+        raise ImageReadError(path, "is a folder, not an image file") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(
+            path, "not an image (content is not JPEG, PNG, BMP, WebP or TIFF)"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"refused as a decompression bomb ({exc})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        # Pillow reports truncated and corrupt data as OSError ("image file is truncated"),
+        # SyntaxError (bad headers in some plugins), ValueError or struct.error (short headers).
+        raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from exc
+
+
+def pil_to_rgb(img: Image.Image, path: Path | str = "<image>") -> np.ndarray:
+    """Convert a decoded Pillow image of any supported mode to uint8 RGB.
+
+    Args:
+        img: a loaded Pillow image (orientation already applied).
+        path: used in error messages only.
+
+    Returns:
+        uint8 array (H, W, 3), RGB, C-contiguous.
+
+    Raises:
+        ImageReadError: floating-point images, 32-bit values outside 0-65535, or a mode Pillow
+            cannot convert to RGB.
+    """
+    mode = img.mode
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)  # (H, W, 4); uint16 avoids overflow
+        rgb = (rgba[..., :3] * rgba[..., 3:4] + 127) // 255  # composite onto black, rounded
+        return np.ascontiguousarray(rgb, dtype=np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        data = np.asarray(img)
+        if mode == "I" and data.size and (data.min() < 0 or data.max() > 65535):
+            raise ImageReadError(
+                path,
+                f"32-bit integer image with values {data.min()}..{data.max()} outside 0-65535; "
+                "convert it to 8 or 16 bit",
+            )
+        gray = (data.astype(np.uint32) * 255 + 32767) // 65535  # round(v * 255 / 65535)
+        return np.ascontiguousarray(np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2))
+    if mode == "F":
+        raise ImageReadError(
+            path, "floating-point image (mode F) has no defined range; convert it to 8 or 16 bit"
+        )
+    try:
+        rgb_img = img if mode == "RGB" else img.convert("RGB")
+    except ValueError as exc:
+        raise ImageReadError(path, f"colour mode {mode} cannot be converted to RGB") from exc
+    return np.ascontiguousarray(np.asarray(rgb_img, dtype=np.uint8))
+
+
+def _check_file(path: Path) -> None:
+    """Name the common non-image cases before Pillow turns them into vaguer errors."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except FileNotFoundError as exc:
+        if path.is_symlink():
+            target = os.readlink(path)
+            reason = f"dangling symlink (target {target} does not exist)"
+            raise ImageReadError(path, reason) from exc
+        raise ImageReadError(path, "no such file") from exc
+    except PermissionError as exc:
+        raise ImageReadError(path, "permission denied; make the folder readable") from exc
+    except OSError as exc:  # symlink loops, name too long, ...
+        raise ImageReadError(path, f"cannot access ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageReadError(path, "is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        # A FIFO or device would block or stream forever instead of failing.
+        raise ImageReadError(path, "not a regular file (FIFO, socket or device)")
+    if st.st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+
+
+def _check_pixels(path: Path, size: tuple[int, int]) -> None:
+    """Refuse images above Pillow's decompression-bomb limit, read at call time.
+
+    Pillow itself only warns between 1x and 2x its limit and raises above 2x; one threshold is
+    clearer. Setting `PIL.Image.MAX_IMAGE_PIXELS = None` disables the check, as in Pillow.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = size
+    if limit is not None and width * height > limit:
+        raise ImageReadError(
+            path,
+            f"{width}x{height} = {width * height} pixels is above the decompression-bomb limit of "
+            f"{limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); downscale the image",
+        )

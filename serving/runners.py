@@ -1,0 +1,686 @@
+"""Local runners of the deploy graph (onnxruntime, torch, TensorRT) and `open_runner`, which also
+opens the Triton client, so that `cosa segment` and `cosa stream` see one interface.
+
+Every runner takes the deploy graph's input, `images` float32 (N, 3, H, W) raw RGB 0-255 (any H, W
+the artifact accepts), and returns `{"mask": int32 (N, H, W)}` plus `"logits"` float32 (N, K, H, W)
+when built with `return_logits=True`. Runners are used from one thread at a time.
+
+Heavy or optional runtimes (onnxruntime, torch, tensorrt, tritonclient) are imported by the runner
+that needs them, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+
+from cosa.errors import ConfigError, InputError, MissingDependencyError, ServingError
+from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, SPEC_FILENAME, ModelSpec, read_spec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_TRITON_MODEL",
+    "PROTOCOLS",
+    "OnnxRuntimeRunner",
+    "Runner",
+    "TensorRTRunner",
+    "TorchRunner",
+    "check_images",
+    "default_spec",
+    "images_to_batch",
+    "open_runner",
+    "voc_palette",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt", "triton")
+PROTOCOLS: tuple[str, ...] = ("grpc", "http")
+DEFAULT_TRITON_MODEL = "cosa_seg"  # `cosa triton repo`'s default model name
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the batch and stream pipelines need from a backend (the Triton client included)."""
+
+    @property
+    def spec(self) -> ModelSpec:
+        """Class names, palette and tensor names of the model."""
+        ...
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Segment one batch.
+
+        Args:
+            images: float32 (N, 3, H, W), raw RGB 0-255.
+
+        Returns:
+            {"mask": int32 (N, H, W)} and, if the runner was asked for them, "logits" float32
+            (N, K, H, W).
+        """
+        ...
+
+    def close(self) -> None:
+        """Release sessions, engines, connections. Idempotent."""
+        ...
+
+
+def images_to_batch(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack same-size uint8 RGB images (H, W, 3) into the deploy input float32 (N, 3, H, W), 0-255.
+
+    Raises:
+        ValueError: empty sequence or images of different sizes.
+    """
+    if not images:
+        raise ValueError("images_to_batch needs at least one image")
+    stacked = np.stack(images)  # (N, H, W, 3); raises on size mismatch
+    return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def check_images(images: np.ndarray) -> None:
+    """Validate a deploy-graph input batch.
+
+    Raises:
+        InputError: not float32 (N, 3, H, W) with N, H, W >= 1.
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.float32:
+        raise InputError(
+            f"images must be a float32 numpy array, got {type(images).__name__} "
+            f"{getattr(images, 'dtype', '')}"
+        )
+    if images.ndim != 4 or images.shape[1] != 3 or min(images.shape) < 1:
+        raise InputError(f"images must be (N, 3, H, W) RGB, got shape {images.shape}")
+
+
+_C = TypeVar("_C", bound="_Closing")
+
+
+class _Closing:
+    """`with runner:` support for the local runners."""
+
+    def close(self) -> None:  # overridden
+        pass
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------- onnxruntime
+
+
+def resolve_artifact(
+    model: Path, suffix: str, precision: str | None = None
+) -> tuple[Path, ModelSpec]:
+    """Find the artifact file and its spec for an export folder or a file inside one.
+
+    Args:
+        model: an export folder (holding spec.json) or an artifact file with spec.json beside it.
+        suffix: ".onnx" or ".plan", the kind of file the caller runs.
+        precision: with a folder, pick the artifact of this precision ("fp32", "fp16", "int8"): the
+            main one if `spec.precision` matches, else an `extra_artifacts` entry whose key is the
+            precision or starts with "<precision>_" (e.g. "int8_cpu").
+
+    Returns:
+        (artifact path, spec).
+
+    Raises:
+        ConfigError: missing path, wrong kind of file, unknown precision (the message lists the
+            available ones).
+        ExportError: spec.json missing or invalid.
+    """
+    if not model.exists():
+        raise ConfigError(
+            f"model {model} does not exist; pass an export folder written by `cosa export`"
+        )
+    if model.is_file():
+        if model.suffix.lower() != suffix:
+            raise ConfigError(
+                f"model {model} is not a {suffix} file; pass the export folder instead"
+            )
+        if precision is not None:
+            raise ConfigError(
+                f"--precision picks a file inside an export folder; pass {model.parent} instead of "
+                f"{model.name}, or drop --precision"
+            )
+        if not (model.parent / SPEC_FILENAME).is_file():
+            raise ConfigError(
+                f"{model} has no {SPEC_FILENAME} beside it (class names and palette come from it); "
+                "pass the folder written by `cosa export`"
+            )
+        return model, read_spec(model.parent)
+    spec = read_spec(model)
+    choices: dict[str, str] = {spec.precision: spec.artifact}
+    for key, name in spec.extra_artifacts.items():
+        choices.setdefault(key, name)
+    if precision is None:
+        name = spec.artifact
+    else:
+        matches = [n for k, n in choices.items() if k == precision or k.startswith(f"{precision}_")]
+        if not matches:
+            raise ConfigError(
+                f"{model} has no {precision} artifact; available: "
+                + ", ".join(f"{k} ({n})" for k, n in sorted(choices.items()))
+            )
+        name = matches[0]
+    path = model / name
+    if path.suffix.lower() != suffix:
+        kind = "a TensorRT engine (--backend tensorrt)" if name.endswith(".plan") else f"'{name}'"
+        raise ConfigError(f"{model} holds {kind}, not a {suffix} file for this backend")
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} named by {model / SPEC_FILENAME} is missing; re-export the model"
+        )
+    return path, spec
+
+
+class OnnxRuntimeRunner(_Closing):
+    """The ONNX deploy graph in onnxruntime (CUDA provider when available, else CPU)."""
+
+    def __init__(
+        self,
+        model: Path,
+        *,
+        precision: str | None = None,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        allow_spinning: bool = False,
+        return_logits: bool = False,
+    ) -> None:
+        """Open a session.
+
+        Args:
+            model: export folder (spec.json + model.onnx) or a .onnx file with spec.json beside it.
+            precision: artifact precision to pick from the folder (see `resolve_artifact`).
+            providers: onnxruntime execution providers in priority order; default CUDA then CPU
+                when the CUDA provider is installed, else CPU.
+            intra_op_threads: threads inside one operator; 0 lets onnxruntime use one per
+                physical core.
+            allow_spinning: let idle onnxruntime threads busy-wait for the next operator. Off by
+                default: the segment pipeline's decoder and encoder threads need those cores
+                (on 2 shared cores, spinning halved both model-only and end-to-end images/s of
+                the tiny test model).
+            return_logits: also return "logits" (costs a (N, K, H, W) copy per batch).
+
+        Raises:
+            ConfigError, ExportError: see `resolve_artifact`; unknown provider.
+            ServingError: the file is not a loadable ONNX model or its tensor names disagree with
+                spec.json.
+        """
+        import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        self.path, self._spec = resolve_artifact(Path(model), ".onnx", precision)
+        available = ort.get_available_providers()
+        if providers is None:
+            preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
+            providers = [p for p in preferred if p in available]
+        unknown = [p for p in providers if p not in available]
+        if unknown:
+            raise ConfigError(
+                f"onnxruntime providers {unknown} are not installed; available: {available}"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
+        )
+        self._errors: tuple[type[Exception], ...] = (
+            ort_state.Fail,
+            ort_state.InvalidArgument,
+            ort_state.InvalidGraph,
+            ort_state.InvalidProtobuf,
+            ort_state.NoSuchFile,
+            ort_state.NotImplemented,
+            ort_state.RuntimeException,
+            ort_state.EPFail,
+        )
+        try:
+            self._session: Any = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=list(providers)
+            )
+        except self._errors as exc:
+            raise ServingError(
+                f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0]}; "
+                "re-export the model"
+            ) from exc
+        inputs = [i.name for i in self._session.get_inputs()]
+        outputs = [o.name for o in self._session.get_outputs()]
+        self._outputs = [MASK_NAME, LOGITS_NAME] if return_logits else [MASK_NAME]
+        if inputs != [INPUT_NAME] or any(name not in outputs for name in self._outputs):
+            raise ServingError(
+                f"{self.path} has inputs {inputs} and outputs {outputs}; the deploy graph has "
+                f"input '{INPUT_NAME}' and outputs '{LOGITS_NAME}', '{MASK_NAME}'; re-export "
+                "with cosa export"
+            )
+        log.info("onnxruntime %s on %s", self.path, self._session.get_providers())
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session actually uses."""
+        return list(self._session.get_providers())
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """See `Runner.infer`.
+
+        Raises:
+            InputError: images not float32 (N, 3, H, W).
+            ServingError: onnxruntime failed on this input.
+        """
+        check_images(images)
+        try:
+            values = self._session.run(self._outputs, {INPUT_NAME: images})
+        except self._errors as exc:
+            raise ServingError(
+                f"onnxruntime failed on a batch of shape {images.shape}: {str(exc).splitlines()[0]}"
+            ) from exc
+        result = dict(zip(self._outputs, values, strict=True))
+        result[MASK_NAME] = result[MASK_NAME].astype(np.int32, copy=False)
+        return result
+
+    def close(self) -> None:
+        self._session = None
+
+
+# ------------------------------------------------------------------------------------------- torch
+
+
+class TorchRunner(_Closing):
+    """The deploy network in PyTorch (a checkpoint, or any module with the deploy contract)."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        spec: ModelSpec,
+        *,
+        device: str | None = None,
+        return_logits: bool = False,
+    ) -> None:
+        """Wrap a deploy module.
+
+        Args:
+            module: maps float32 (N, 3, H, W) 0-255 to (logits (N, K, H, W), mask (N, H, W)).
+            spec: its class names and palette.
+            device: torch device; default "cuda" when available, else "cpu".
+            return_logits: also return "logits".
+        """
+        import torch
+
+        self._torch = torch
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._module: Any = module.eval().to(self._device)
+        self._spec = spec
+        self._return_logits = return_logits
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: Path, *, device: str | None = None, return_logits: bool = False
+    ) -> TorchRunner:
+        """The teacher's deploy network of a `cosa train` checkpoint.
+
+        Raises:
+            CheckpointError: missing, corrupt or incompatible checkpoint.
+        """
+        from cosa.checkpoint import load_deploy_model
+
+        module, ckpt = load_deploy_model(Path(path))
+        spec = ModelSpec(
+            class_names=tuple(ckpt.class_names),
+            palette=tuple((int(r), int(g), int(b)) for r, g, b in ckpt.palette),
+            precision="fp32",
+            artifact=Path(path).name,
+            source_checkpoint=str(path),
+            backbone=ckpt.config.model.backbone,
+        )
+        return cls(module, spec, device=device, return_logits=return_logits)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """See `Runner.infer`.
+
+        Raises:
+            InputError: images not float32 (N, 3, H, W).
+        """
+        check_images(images)
+        torch = self._torch
+        with torch.inference_mode():
+            logits, mask = self._module(torch.from_numpy(images).to(self._device))
+        result = {MASK_NAME: mask.to(torch.int32).cpu().numpy()}
+        if self._return_logits:
+            result[LOGITS_NAME] = logits.float().cpu().numpy()
+        return result
+
+    def close(self) -> None:
+        self._module = None
+
+
+# ---------------------------------------------------------------------------------------- tensorrt
+
+
+def _import_tensorrt() -> ModuleType:
+    try:
+        return importlib.import_module("tensorrt")
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "TensorRT is not installed (python package 'tensorrt' from NVIDIA, or the TensorRT "
+            "container); on this machine use --backend onnxruntime"
+        ) from exc
+
+
+def _cuda_device(index: int) -> torch.device:
+    """The CUDA device TensorRT runs on; torch manages its memory and stream."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MissingDependencyError(
+            "TensorRT needs a CUDA GPU and none is visible to torch; use --backend onnxruntime"
+        )
+    if index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"CUDA device {index} does not exist ({count} visible)")
+    return torch.device("cuda", index)
+
+
+def _stream_handle(device: torch.device) -> int:
+    """Raw handle of the current CUDA stream (0 off CUDA, i.e. with the test doubles)."""
+    import torch
+
+    return int(torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else 0
+
+
+class TensorRTRunner(_Closing):
+    """A serialized TensorRT engine (`model.plan`) on a CUDA GPU; torch owns buffers and stream.
+
+    Works with TensorRT 10 and 11 (name-based tensor API: `set_input_shape`, `set_tensor_address`,
+    `execute_async_v3`). Inputs must lie inside the engine's optimization profile 0.
+    """
+
+    def __init__(self, model: Path, *, device_index: int = 0, return_logits: bool = False) -> None:
+        """Deserialize the engine.
+
+        Args:
+            model: export folder whose spec names a `.plan`, or the `.plan` file itself.
+            device_index: CUDA device.
+            return_logits: also return "logits".
+
+        Raises:
+            MissingDependencyError: TensorRT or a CUDA GPU is missing.
+            ConfigError, ExportError: see `resolve_artifact`.
+            ServingError: the engine does not deserialize (other TensorRT version or GPU) or its
+                tensor names disagree with spec.json.
+        """
+        import torch
+
+        self._torch = torch
+        self.path, self._spec = resolve_artifact(Path(model), ".plan")
+        trt = _import_tensorrt()
+        self._device = _cuda_device(device_index)
+        self._trt_logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._trt_logger)
+        self._engine: Any = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self._engine is None:
+            raise ServingError(
+                f"TensorRT {trt.__version__} cannot deserialize {self.path} (built with "
+                f"TensorRT {self._spec.tensorrt_version or '?'} on {self._spec.gpu_name or '?'}); "
+                "engines are tied to the TensorRT version and GPU: rebuild it on this machine "
+                "with cosa export --trt"
+            )
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        self._outputs = [MASK_NAME, LOGITS_NAME] if return_logits else [MASK_NAME]
+        if INPUT_NAME not in names or any(n not in names for n in (MASK_NAME, LOGITS_NAME)):
+            raise ServingError(
+                f"{self.path} has tensors {names}; expected '{INPUT_NAME}', '{LOGITS_NAME}', "
+                f"'{MASK_NAME}'; rebuild the engine from a cosa export"
+            )
+        self._io_names = names
+        self._torch_dtypes = {
+            name: _torch_dtype(trt, self._engine.get_tensor_dtype(name)) for name in names
+        }
+        shapes = self._engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self._profile = tuple(tuple(int(d) for d in s) for s in shapes)  # (min, opt, max) NCHW
+        self._context: Any = self._engine.create_execution_context()
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    @property
+    def profile(self) -> tuple[tuple[int, ...], ...]:
+        """(min, opt, max) input shapes (N, 3, H, W) of optimization profile 0."""
+        return self._profile
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """See `Runner.infer`.
+
+        Raises:
+            InputError: images not float32 (N, 3, H, W), or outside the engine's shape profile.
+            ServingError: TensorRT failed to execute.
+        """
+        check_images(images)
+        check_profile(images.shape, self._profile)
+        torch = self._torch
+        ctx = self._context
+        buffers = {
+            INPUT_NAME: torch.from_numpy(images).to(self._device, self._torch_dtypes[INPUT_NAME])
+        }
+        ctx.set_input_shape(INPUT_NAME, tuple(images.shape))
+        for name in self._io_names:
+            if name != INPUT_NAME:
+                shape = tuple(ctx.get_tensor_shape(name))
+                dtype = self._torch_dtypes[name]
+                buffers[name] = torch.empty(shape, dtype=dtype, device=self._device)
+        for name, tensor in buffers.items():
+            ctx.set_tensor_address(name, tensor.data_ptr())
+        if not ctx.execute_async_v3(_stream_handle(self._device)):
+            raise ServingError(
+                f"TensorRT failed to run {self.path} on a batch of shape {images.shape}"
+            )
+        # .cpu() is queued on the same (current) stream after the engine, then waits for it.
+        result = {MASK_NAME: buffers[MASK_NAME].cpu().numpy().astype(np.int32, copy=False)}
+        if LOGITS_NAME in self._outputs:
+            result[LOGITS_NAME] = buffers[LOGITS_NAME].float().cpu().numpy()
+        return result
+
+    def close(self) -> None:
+        self._context = None
+        self._engine = None
+
+
+def check_profile(shape: tuple[int, ...], profile: tuple[tuple[int, ...], ...]) -> None:
+    """Refuse an input shape outside a TensorRT profile (min, opt, max), naming the limits.
+
+    Raises:
+        InputError: some dimension is below min or above max.
+    """
+    lo, _, hi = profile
+    if all(a <= s <= b for s, a, b in zip(shape, lo, hi, strict=True)):
+        return
+    raise InputError(
+        f"input of shape {tuple(shape)} is outside the TensorRT engine's profile (min {tuple(lo)}, "
+        f"max {tuple(hi)} as N, 3, H, W); rebuild the engine with a larger profile or use "
+        "--backend onnxruntime"
+    )
+
+
+def _torch_dtype(trt: ModuleType, trt_dtype: Any) -> torch.dtype:
+    import torch
+
+    np_dtype = np.dtype(trt.nptype(trt_dtype))
+    return torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
+
+
+# ----------------------------------------------------------------------------------------- factory
+
+
+def open_runner(
+    model: Path | None,
+    backend: str = "auto",
+    url: str | None = None,
+    protocol: str = "grpc",
+    *,
+    precision: str | None = None,
+    triton_model: str = DEFAULT_TRITON_MODEL,
+    threads: int = 0,
+    return_logits: bool = False,
+) -> Runner:
+    """Open the runner `cosa segment` / `cosa stream` use.
+
+    Args:
+        model: export folder, .onnx/.plan file, or checkpoint .pt; with backend "triton" optional
+            (an export folder or spec.json, for class names and palette; else the client asks the
+            server).
+        backend: one of `BACKENDS`. "auto": .pt -> torch, .plan (or a folder whose spec names one)
+            -> tensorrt, otherwise onnxruntime.
+        url: Triton "HOST:PORT" (backend "triton" only).
+        protocol: "grpc" or "http" (backend "triton" only).
+        precision: artifact precision inside an export folder (onnxruntime only).
+        triton_model: model name in the Triton repository.
+        threads: onnxruntime intra-op threads (0: onnxruntime's default).
+        return_logits: runners also return "logits" (local backends).
+
+    Returns:
+        An open `Runner`; the caller closes it.
+
+    Raises:
+        ConfigError: unknown backend or protocol (the message lists the choices), missing --model
+            or --url, a model of the wrong kind for the backend, options that do not apply.
+        CheckpointError, ExportError: unreadable checkpoint or spec.json.
+        MissingDependencyError: TensorRT, CUDA or tritonclient missing.
+        ServingError: the artifact does not load, or the Triton server is not reachable / ready.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "triton" and url is not None:
+        raise ConfigError(f"--url is for --backend triton; backend {backend!r} runs locally")
+    if backend == "triton":
+        return _open_triton(model, url, protocol, triton_model)
+    if model is None:
+        raise ConfigError(
+            f"backend {backend!r} needs --model: an export folder (spec.json + model.onnx) or a "
+            "checkpoint .pt written by `cosa train`"
+        )
+    model = Path(model)
+    if not model.exists():
+        raise ConfigError(
+            f"model {model} does not exist; pass an export folder or a checkpoint .pt"
+        )
+    if backend == "auto":
+        backend = _guess_backend(model)
+    if precision is not None and backend != "onnxruntime":
+        raise ConfigError(f"--precision selects an ONNX file; backend {backend!r} does not use it")
+    if backend == "torch":
+        if model.is_dir() or model.suffix.lower() != ".pt":
+            raise ConfigError(
+                f"backend torch runs a checkpoint .pt; {model} is not one (an export folder runs "
+                "with --backend onnxruntime or tensorrt)"
+            )
+        return TorchRunner.from_checkpoint(model, return_logits=return_logits)
+    if backend == "tensorrt":
+        return TensorRTRunner(model, return_logits=return_logits)
+    if model.is_file() and model.suffix.lower() == ".pt":
+        raise ConfigError(
+            f"{model} is a checkpoint; run it with --backend torch, or export it first "
+            "(cosa export CKPT --out DIR) and pass DIR"
+        )
+    return OnnxRuntimeRunner(
+        model, precision=precision, intra_op_threads=threads, return_logits=return_logits
+    )
+
+
+def _guess_backend(model: Path) -> str:
+    if model.is_file():
+        return {".pt": "torch", ".plan": "tensorrt"}.get(model.suffix.lower(), "onnxruntime")
+    if (model / SPEC_FILENAME).is_file() and read_spec(model).artifact.endswith(".plan"):
+        return "tensorrt"
+    return "onnxruntime"
+
+
+def _open_triton(model: Path | None, url: str | None, protocol: str, triton_model: str) -> Runner:
+    if not url:
+        raise ConfigError("--backend triton needs --url HOST:PORT (e.g. localhost:8001 for gRPC)")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    spec = None
+    if model is not None:
+        model = Path(model)
+        if not model.exists():
+            raise ConfigError(
+                f"--model {model} does not exist; with triton it names the export folder"
+            )
+        if model.is_file() and model.name != SPEC_FILENAME:
+            raise ConfigError(
+                f"with --backend triton, --model names the export folder (for its "
+                f"{SPEC_FILENAME}); {model} is a file"
+            )
+        spec = read_spec(model)
+    try:
+        from cosa.serving.triton_client import TritonSegmentationClient
+
+        client = TritonSegmentationClient(
+            url=url, protocol=protocol, model_name=triton_model, spec=spec
+        )
+    except ImportError as exc:  # tritonclient is imported when the client connects
+        raise MissingDependencyError(
+            f"the Triton client is not available ({exc}); pip install 'tritonclient[http,grpc]'"
+        ) from exc
+    if client.spec is None:
+        # No export folder given: the server told the client K; names and colours are generic.
+        num_classes = int(client.num_classes)
+        log.warning(
+            "no --model export folder: using generic class names and the VOC colour map for "
+            "%d classes; pass the export folder for the model's own",
+            num_classes,
+        )
+        client.spec = default_spec(num_classes)
+    runner: Runner = client
+    return runner
+
+
+def default_spec(num_classes: int) -> ModelSpec:
+    """A spec with generic names ("class_0" = background, ...) and the PASCAL VOC colour map.
+
+    Used for a Triton model when no export folder names its classes.
+    """
+    return ModelSpec(
+        class_names=tuple(f"class_{i}" for i in range(num_classes)),
+        palette=voc_palette(num_classes),
+    )
+
+
+def voc_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """The PASCAL VOC colour map: id bits spread over the high bits of R, G, B (0 is black)."""
+    colours = []
+    for index in range(num_classes):
+        r = g = b = 0
+        code = index
+        for bit in range(7, -1, -1):
+            r |= (code & 1) << bit
+            g |= ((code >> 1) & 1) << bit
+            b |= ((code >> 2) & 1) << bit
+            code >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)

@@ -1,0 +1,156 @@
+"""Shared test doubles for the local serving tests (tests/test_serving_local_*, test_segment_*,
+test_stream_*): the tiny real model exported once, and a fast content-dependent fake runner.
+
+The tiny model is the real deploy network (`DeployModel` of a ViT-Ti/16 with a 16-channel decoder,
+3 foreground classes, random weights from a fixed seed), exported with the dynamo exporter and
+dynamic N, H, W. The export takes 10-30 s on 2 busy cores, so it runs once per session and is kept
+in pytest's cache folder (`.pytest_cache/d/...`) under a key that hashes the model sources and the
+torch/onnx versions: any change to them exports again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cosa.export.spec import MASK_NAME, ModelSpec
+
+CLASS_NAMES = ("background", "circle", "square", "triangle")
+PALETTE = ((0, 0, 0), (200, 30, 30), (30, 200, 30), (30, 30, 200))
+TINY_SPEC = ModelSpec(class_names=CLASS_NAMES, palette=PALETTE, precision="fp32", opset=18)
+
+
+@dataclass(frozen=True)
+class TinyArtifacts:
+    """`folder`: spec.json + model.onnx; `checkpoint`: the same weights as a cosa checkpoint."""
+
+    folder: Path
+    checkpoint: Path
+
+
+_MEMO: dict[str, TinyArtifacts] = {}
+
+
+def _cache_key() -> str:
+    """Hash of the model sources and library versions, without importing torch (slow)."""
+    versions = " ".join(metadata.version(name) for name in ("torch", "onnx", "timm"))
+    digest = hashlib.sha256(f"{versions} v1".encode())
+    spec = importlib.util.find_spec("cosa.model")
+    if spec is None or spec.origin is None:
+        pytest.skip("cosa.model is not available")
+    for source in sorted(Path(spec.origin).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _build(dest: Path) -> None:
+    import torch
+
+    from cosa.checkpoint import Checkpoint, save_checkpoint
+    from cosa.config import CosaConfig, ModelConfig
+    from cosa.export.spec import INPUT_NAME, LOGITS_NAME, write_spec
+    from cosa.model import DeployModel, build_model
+
+    model_cfg = ModelConfig(backbone="vit_tiny_patch16", decoder_channels=16)
+    torch.manual_seed(0)
+    net = build_model(model_cfg, num_classes=len(CLASS_NAMES) - 1, load_pretrained=False).eval()
+    # A private folder, renamed into place when complete: concurrent sessions never see half.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    (tmp / "export").mkdir()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    save_checkpoint(
+        Checkpoint(
+            config=CosaConfig(model=model_cfg),
+            class_names=list(CLASS_NAMES),
+            palette=[list(c) for c in PALETTE],
+            iteration=0,
+            online=state,
+            teacher=state,
+        ),
+        tmp / "tiny.pt",
+    )
+    dim = torch.export.Dim.DYNAMIC
+    with torch.no_grad():
+        torch.onnx.export(
+            DeployModel(net).eval(),
+            (torch.rand(2, 3, 48, 64) * 255,),  # N = 2, H != W: no dim specialises to a constant
+            str(tmp / "export" / "model.onnx"),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[LOGITS_NAME, MASK_NAME],
+            dynamic_shapes=({0: dim, 2: dim, 3: dim},),
+            opset_version=18,
+            external_data=False,
+            verbose=False,
+        )
+    write_spec(TINY_SPEC, tmp / "export")
+    try:
+        tmp.rename(dest)
+    except OSError:  # another session finished the same key first
+        shutil.rmtree(tmp, ignore_errors=True)
+    for stale in dest.parent.iterdir():  # exports of older model sources (~25 MB each)
+        if stale.name != dest.name and not stale.name.startswith("."):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def tiny_artifacts(
+    config: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> TinyArtifacts:
+    """The tiny model's export folder and checkpoint, built at most once per cache key."""
+    key = _cache_key()
+    if key not in _MEMO:
+        cache = getattr(config, "cache", None)
+        root = (
+            cache.mkdir("cosa_serving_tiny")
+            if cache is not None
+            else tmp_path_factory.mktemp("tiny")
+        )
+        dest = root / key
+        if not (dest / "export" / "model.onnx").is_file():
+            _build(dest)
+        _MEMO[key] = TinyArtifacts(folder=dest / "export", checkpoint=dest / "tiny.pt")
+    return _MEMO[key]
+
+
+class FakeRunner:
+    """A fast runner whose mask is a function of each pixel: id = R // 64 (0-3).
+
+    Lets pipeline tests check that each mask file belongs to its image (and its orientation)
+    without a model. Records every batch shape; `delay` simulates inference time.
+    """
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.spec = TINY_SPEC
+        self.batches: list[tuple[int, ...]] = []
+        self.delay = delay
+        self.closed = False
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        import time
+
+        assert images.dtype == np.float32 and images.ndim == 4 and images.shape[1] == 3
+        self.batches.append(images.shape)
+        if self.delay:
+            time.sleep(self.delay)
+        return {MASK_NAME: expected_fake_mask_nchw(images)}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def expected_fake_mask_nchw(images: np.ndarray) -> np.ndarray:
+    """FakeRunner's mask for float32 (N, 3, H, W) -> int32 (N, H, W)."""
+    return (images[:, 0] // 64).astype(np.int32)
+
+
+def expected_fake_mask(rgb: np.ndarray) -> np.ndarray:
+    """FakeRunner's mask for one uint8 (H, W, 3) image -> (H, W)."""
+    return (rgb[..., 0] // 64).astype(np.int32)

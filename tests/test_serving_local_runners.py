@@ -1,0 +1,419 @@
+"""Local runners (onnxruntime, torch, TensorRT with a fake module) and `open_runner`."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from serving_fixtures import CLASS_NAMES, PALETTE, TINY_SPEC, TinyArtifacts, tiny_artifacts
+
+from cosa.errors import (
+    CheckpointError,
+    ConfigError,
+    ExportError,
+    InputError,
+    MissingDependencyError,
+    ServingError,
+)
+from cosa.export.spec import write_spec
+from cosa.serving import runners
+from cosa.serving.runners import (
+    OnnxRuntimeRunner,
+    Runner,
+    TensorRTRunner,
+    TorchRunner,
+    check_profile,
+    images_to_batch,
+    open_runner,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> TinyArtifacts:
+    return tiny_artifacts(pytestconfig, tmp_path_factory)
+
+
+def batch(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((n, 3, h, w)) * 255).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ onnxruntime / torch
+
+
+def test_onnxruntime_runner_runs_the_export_at_any_size(tiny: TinyArtifacts) -> None:
+    with OnnxRuntimeRunner(tiny.folder, return_logits=True) as runner:
+        assert isinstance(runner, Runner)
+        assert runner.spec.class_names == CLASS_NAMES and runner.providers == [
+            "CPUExecutionProvider"
+        ]
+        for shape in [(1, 64, 64), (3, 48, 80), (1, 1, 1), (1, 16, 300)]:
+            out = runner.infer(batch(*shape))
+            assert out["mask"].dtype == np.int32 and out["mask"].shape == shape
+            assert out["logits"].shape == (shape[0], len(CLASS_NAMES), *shape[1:])
+            np.testing.assert_array_equal(out["mask"], out["logits"].argmax(axis=1))
+
+
+def test_onnxruntime_runner_accepts_the_onnx_file_and_returns_only_masks(
+    tiny: TinyArtifacts,
+) -> None:
+    runner = OnnxRuntimeRunner(tiny.folder / "model.onnx", intra_op_threads=1)
+    assert set(runner.infer(batch(1, 32, 32))) == {"mask"}
+    runner.close()
+
+
+def test_torch_and_onnxruntime_masks_agree(tiny: TinyArtifacts) -> None:
+    images = batch(2, 48, 64, seed=3)
+    with TorchRunner.from_checkpoint(tiny.checkpoint, return_logits=True) as torch_runner:
+        assert torch_runner.spec.class_names == CLASS_NAMES
+        assert torch_runner.spec.palette == PALETTE
+        expected = torch_runner.infer(images)
+    got = OnnxRuntimeRunner(tiny.folder, return_logits=True).infer(images)
+    np.testing.assert_allclose(got["logits"], expected["logits"], atol=1e-4)
+    assert (got["mask"] == expected["mask"]).mean() > 0.999
+    assert len(np.unique(expected["mask"])) > 1  # the comparison is not between constants
+
+
+def test_runners_validate_their_input(tiny: TinyArtifacts) -> None:
+    runner = OnnxRuntimeRunner(tiny.folder)
+    with pytest.raises(InputError, match="float32"):
+        runner.infer(batch(1, 8, 8).astype(np.float64))
+    with pytest.raises(InputError, match=r"\(N, 3, H, W\)"):
+        runner.infer(np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_images_to_batch() -> None:
+    a = np.zeros((2, 3, 3), np.uint8)
+    a[0, 1] = (1, 2, 3)
+    out = images_to_batch([a, a])
+    assert out.dtype == np.float32 and out.shape == (2, 3, 2, 3) and out.flags.c_contiguous
+    assert out[1, :, 0, 1].tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError):
+        images_to_batch([a, np.zeros((3, 3, 3), np.uint8)])
+
+
+def test_precision_selection(tiny: TinyArtifacts, tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes((tiny.folder / "model.onnx").read_bytes())
+    (folder / "model.int8.onnx").write_bytes((tiny.folder / "model.onnx").read_bytes())
+    write_spec(
+        dataclasses.replace(TINY_SPEC, extra_artifacts={"int8_cpu": "model.int8.onnx"}), folder
+    )
+    assert OnnxRuntimeRunner(folder, precision="int8").path == folder / "model.int8.onnx"
+    assert OnnxRuntimeRunner(folder, precision="fp32").path == folder / "model.onnx"
+    with pytest.raises(
+        ConfigError,
+        match=r"no fp16 artifact; available: fp32 \(model.onnx\), "
+        r"int8_cpu \(model.int8.onnx\)",
+    ):
+        OnnxRuntimeRunner(folder, precision="fp16")
+
+
+def test_broken_or_foreign_onnx_files(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    write_spec(TINY_SPEC, folder)
+    (folder / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(ServingError, match="onnxruntime cannot load"):
+        OnnxRuntimeRunner(folder)
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["input.1"], ["308"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("308", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx"
+    )
+    with pytest.raises(ServingError, match=r"has inputs \['input.1'\] and outputs \['308'\]"):
+        OnnxRuntimeRunner(folder)
+
+
+# ------------------------------------------------------------------------------------- open_runner
+
+
+def test_open_runner_picks_the_backend(tiny: TinyArtifacts) -> None:
+    runner = open_runner(tiny.folder, "auto")
+    assert isinstance(runner, OnnxRuntimeRunner)
+    assert isinstance(open_runner(tiny.checkpoint, "auto"), TorchRunner)
+    assert isinstance(open_runner(tiny.folder / "model.onnx", "onnxruntime"), OnnxRuntimeRunner)
+
+
+@pytest.mark.parametrize(
+    ("model", "backend", "kwargs", "error", "message"),
+    [
+        (
+            "export",
+            "tflite",
+            {},
+            ConfigError,
+            "unknown backend 'tflite'; choose one of auto, onnxruntime, torch, tensorrt, triton",
+        ),
+        (None, "onnxruntime", {}, ConfigError, "backend 'onnxruntime' needs --model"),
+        ("missing", "auto", {}, ConfigError, "does not exist"),
+        ("export", "torch", {}, ConfigError, "backend torch runs a checkpoint .pt"),
+        ("ckpt", "onnxruntime", {}, ConfigError, "is a checkpoint; run it with --backend torch"),
+        (
+            "export",
+            "onnxruntime",
+            {"url": "localhost:8001"},
+            ConfigError,
+            "--url is for --backend triton",
+        ),
+        ("export", "triton", {}, ConfigError, "--backend triton needs --url HOST:PORT"),
+        (
+            "export",
+            "triton",
+            {"url": "h:1", "protocol": "udp"},
+            ConfigError,
+            "unknown protocol 'udp'",
+        ),
+        ("onnx", "triton", {"url": "h:1"}, ConfigError, "names the export folder"),
+        ("ckpt", "torch", {"precision": "int8"}, ConfigError, "--precision selects an ONNX file"),
+        ("junk_pt", "torch", {}, CheckpointError, "corrupt or not a torch file"),
+        ("empty_dir", "onnxruntime", {}, ExportError, "spec.json not found"),
+        ("text", "onnxruntime", {}, ConfigError, "is not a .onnx file"),
+    ],
+)
+def test_open_runner_errors(
+    tiny: TinyArtifacts,
+    tmp_path: Path,
+    model: str | None,
+    backend: str,
+    kwargs: dict[str, Any],
+    error: type[Exception],
+    message: str,
+) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"not torch")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    paths = {
+        None: None,
+        "export": tiny.folder,
+        "missing": tmp_path / "nope",
+        "ckpt": tiny.checkpoint,
+        "onnx": tiny.folder / "model.onnx",
+        "junk_pt": tmp_path / "junk.pt",
+        "empty_dir": tmp_path / "empty",
+        "text": tmp_path / "notes.txt",
+    }
+    with pytest.raises(
+        error, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+    ):
+        open_runner(paths[model], backend, **kwargs)
+
+
+def test_open_runner_triton_uses_the_client_with_the_folder_spec(
+    tiny: TinyArtifacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created: list[dict[str, Any]] = []
+
+    class FakeClient:
+        num_classes = 3  # what the server's metadata says
+
+        def __init__(self, url: str, protocol: str, model_name: str, spec: Any) -> None:
+            created.append(
+                {"url": url, "protocol": protocol, "model_name": model_name, "spec": spec}
+            )
+            self.spec = spec
+
+    fake = types.ModuleType("cosa.serving.triton_client")
+    fake.TritonSegmentationClient = FakeClient  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cosa.serving.triton_client", fake)
+    with_folder = open_runner(
+        tiny.folder, "triton", url="localhost:8001", protocol="http", triton_model="seg"
+    )
+    assert with_folder.spec == TINY_SPEC
+    without = open_runner(None, "triton", url="localhost:8001")
+    # No export folder: generic names and the VOC colours for the server's class count.
+    assert without.spec.class_names == ("class_0", "class_1", "class_2")
+    assert without.spec.palette == ((0, 0, 0), (128, 0, 0), (0, 128, 0))
+    assert created[0] == {
+        "url": "localhost:8001",
+        "protocol": "http",
+        "model_name": "seg",
+        "spec": TINY_SPEC,
+    }
+    assert created[1]["spec"] is None and created[1]["protocol"] == "grpc"
+    assert created[1]["model_name"] == "cosa_seg"
+
+
+def test_open_runner_triton_without_tritonclient(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoTritonclient:
+        def __init__(self, **kwargs: Any) -> None:
+            raise ModuleNotFoundError("No module named 'tritonclient'")
+
+    fake = types.ModuleType("cosa.serving.triton_client")
+    fake.TritonSegmentationClient = NoTritonclient  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cosa.serving.triton_client", fake)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'tritonclient\[http,grpc\]'"):
+        open_runner(None, "triton", url="localhost:8001")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_open_runner_triton_unreachable_server_fails_fast_in_one_line(protocol: str) -> None:
+    pytest.importorskip("tritonclient")
+    started = time.perf_counter()
+    with pytest.raises(ServingError, match="cannot reach Triton at 127.0.0.1:1") as info:
+        open_runner(None, "triton", url="127.0.0.1:1", protocol=protocol)
+    assert "\n" not in str(info.value) and time.perf_counter() - started < 10
+
+
+# --------------------------------------------------------------------------------------- tensorrt
+
+
+def plan_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "trt"
+    write_spec(
+        dataclasses.replace(
+            TINY_SPEC, artifact="model.plan", tensorrt_version="10.3", gpu_name="A100"
+        ),
+        folder,
+    )
+    (folder / "model.plan").write_bytes(b"engine bytes")
+    return folder
+
+
+def test_tensorrt_missing_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails like an absent package
+    with pytest.raises(MissingDependencyError, match="TensorRT is not installed") as info:
+        open_runner(plan_folder(tmp_path), "auto")
+    assert "\n" not in str(info.value)
+
+
+class FakeEngine:
+    """Just enough of `tensorrt.ICudaEngine` / `IExecutionContext` for the runner's plumbing."""
+
+    num_io_tensors = 3
+    names = ["images", "logits", "mask"]
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return {"images": "f32", "logits": "f32", "mask": "i32"}[name]
+
+    def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
+        return [(1, 3, 16, 16), (1, 3, 64, 64), (4, 3, 128, 128)]
+
+    def create_execution_context(self) -> FakeEngine:
+        return self
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        n, _, h, w = shape
+        self.shapes = {"images": shape, "logits": (n, 4, h, w), "mask": (n, h, w)}
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        self.addresses[name] = address
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        # "Inference": mask = 2 everywhere, written through the address the runner gave.
+        n, h, w = self.shapes["mask"]
+        values = np.full(n * h * w, 2, dtype=np.int32)
+        ctypes.memmove(self.addresses["mask"], values.ctypes.data, values.nbytes)
+        return True
+
+
+def fake_tensorrt(engine: FakeEngine | None) -> types.ModuleType:
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.9.0"  # type: ignore[attr-defined]
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    class Runtime:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
+            assert data == b"engine bytes"
+            return engine
+
+    trt.Logger = Logger  # type: ignore[attr-defined]
+    trt.Runtime = Runtime  # type: ignore[attr-defined]
+    trt.nptype = lambda t: {"f32": np.float32, "i32": np.int32}[t]  # type: ignore[attr-defined]
+    return trt
+
+
+def test_tensorrt_needs_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(FakeEngine()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MissingDependencyError, match="needs a CUDA GPU"):
+        TensorRTRunner(plan_folder(tmp_path))
+
+
+def test_tensorrt_engine_from_another_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(None))
+    monkeypatch.setattr(runners, "_cuda_device", lambda index: torch.device("cpu"))
+    with pytest.raises(
+        ServingError,
+        match=r"TensorRT 10.9.0 cannot deserialize .*built with "
+        r"TensorRT 10.3 on A100",
+    ):
+        TensorRTRunner(plan_folder(tmp_path))
+
+
+def test_tensorrt_runner_plumbing_with_a_fake_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    engine = FakeEngine()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
+    monkeypatch.setattr(runners, "_cuda_device", lambda index: torch.device("cpu"))
+    runner = open_runner(plan_folder(tmp_path), "auto")
+    assert isinstance(runner, TensorRTRunner)
+    assert runner.profile == ((1, 3, 16, 16), (1, 3, 64, 64), (4, 3, 128, 128))
+    out = runner.infer(batch(2, 20, 30))
+    assert out["mask"].shape == (2, 20, 30) and out["mask"].dtype == np.int32
+    assert (out["mask"] == 2).all()
+    assert set(engine.addresses) == {"images", "logits", "mask"}
+    with pytest.raises(
+        InputError, match=r"outside the TensorRT engine's profile \(min \(1, 3, 16, 16\)"
+    ):
+        runner.infer(batch(1, 8, 200))
+
+
+def test_check_profile() -> None:
+    profile = ((1, 3, 16, 16), (1, 3, 64, 64), (8, 3, 512, 512))
+    check_profile((8, 3, 16, 512), profile)
+    with pytest.raises(InputError, match="max"):
+        check_profile((9, 3, 64, 64), profile)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_runner_on_a_gpu(tiny: TinyArtifacts) -> None:
+    pytest.importorskip("tensorrt")
+    pytest.skip("needs an engine built by cosa export --trt on this GPU (export tests build it)")
