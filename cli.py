@@ -1,4 +1,4 @@
-"""`cosa`: the command-line interface. Thin: parse, call one library function, print, set the exit code.
+"""`cosa`: the command-line interface. Thin: parse, call one library function, print, set exit code.
 
 Exit codes: 0 ok, 1 some inputs failed (segment), 2 usage or configuration error. Library errors
 (`cosa.errors.CosaError`) become one line on stderr, never a traceback.
@@ -20,11 +20,16 @@ from rich.table import Table
 
 from cosa.errors import CosaError
 
-app = typer.Typer(help="CoSA toolkit: weakly supervised segmentation from image-level labels.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="CoSA toolkit: weakly supervised segmentation from image-level labels.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 data_app = typer.Typer(help="Datasets: the synthetic benchmark.", no_args_is_help=True)
-triton_app = typer.Typer(help="Triton Inference Server: repository, local server, set-up.",
-                         no_args_is_help=True)
+triton_app = typer.Typer(
+    help="Triton Inference Server: repository, local server, set-up.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(triton_app, name="triton")
 
@@ -73,7 +78,8 @@ class Protocol(str, Enum):
     paper = "paper"
 
 
-# ------------------------------------------------------------------------------------------------ data
+# ------------------------------------------------------------------------------------------- data
+
 
 @data_app.command("synth")
 @reports_errors
@@ -81,7 +87,9 @@ def data_synth(
     out: Annotated[Path, typer.Argument(help="Folder to create (VOC layout).")],
     train: Annotated[int, typer.Option(help="Training images.")] = 400,
     val: Annotated[int, typer.Option(help="Validation images (checkpoint selection).")] = 60,
-    test: Annotated[int, typer.Option(help="Test images (reported, never used for selection).")] = 100,
+    test: Annotated[
+        int, typer.Option(help="Test images (reported, never used for selection).")
+    ] = 100,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
 ) -> None:
     """Write the synthetic weakly supervised benchmark (masks, classes.json, image labels)."""
@@ -91,18 +99,30 @@ def data_synth(
     out_console.print(f"wrote {summary} to {out}")
 
 
-# ----------------------------------------------------------------------------------------------- train
+# ------------------------------------------------------------------------------------------ train
+
 
 @app.command()
 @reports_errors
 def train(
-    out: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, metrics, pictures).")],
-    data: Annotated[Path | None, typer.Option(help="Dataset root (VOC/COCO/synthetic layout). "
-                                              "Default: the embedded synthetic benchmark.")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder (checkpoints, metrics, pictures).")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset root (VOC/COCO/synthetic layout). "
+            "Default: the embedded synthetic benchmark."
+        ),
+    ] = None,
     preset: Annotated[Preset, typer.Option(help="Starting configuration.")] = Preset.demo,
     config: Annotated[Path | None, typer.Option(help="YAML file of overrides.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override, repeatable "
-                                                    "(e.g. --set loss.seg_weight=0.2).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="key=value override, repeatable (e.g. --set loss.seg_weight=0.2)."
+        ),
+    ] = None,
     max_iters: Annotated[int | None, typer.Option(help="Override train.max_iters.")] = None,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
     pretrained: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
@@ -120,30 +140,47 @@ def train(
         overrides.append(f"data.root={data}")
     if pretrained is not None:
         if not pretrained.is_file():
-            raise ConfigError(f"--pretrained {pretrained} does not exist; pass a local weights file")
+            raise ConfigError(
+                f"--pretrained {pretrained} does not exist; pass a local weights file"
+            )
         overrides.append(f"model.pretrained={pretrained}")
     if resume and (overrides or config is not None):
-        raise ConfigError("--resume continues a run with its own config.yaml; drop --set/--config/--data "
-                          "(only --max-iters may change)")
+        raise ConfigError(
+            "--resume continues a run with its own config.yaml; drop --set/--config/--data "
+            "(only --max-iters may change)"
+        )
     cfg = resolve(preset.value, config, overrides)
-    result = launch(cfg, out, device=device.value, resume=resume, max_iters=max_iters, nproc=nproc,
-                    progress=not json_)
+    result = launch(
+        cfg,
+        out,
+        device=device.value,
+        resume=resume,
+        max_iters=max_iters,
+        nproc=nproc,
+        progress=not json_,
+    )
     summary = result if isinstance(result, dict) else result.to_json()
     if json_:
         print_json(summary)
         return
     out_console.print(f"run folder: {out}")
-    out_console.print(f"checkpoints: {summary['last_checkpoint']} (best on "
-                      f"{summary.get('selection_split')}: {summary['best_checkpoint']})")
+    out_console.print(
+        f"checkpoints: {summary['last_checkpoint']} (best on "
+        f"{summary.get('selection_split')}: {summary['best_checkpoint']})"
+    )
     if summary.get("best_val_miou") is not None:
-        out_console.print(f"best val mIoU {summary['best_val_miou']:.4f} at iteration "
-                          f"{summary['best_iteration']}")
+        out_console.print(
+            f"best val mIoU {summary['best_val_miou']:.4f} at iteration {summary['best_iteration']}"
+        )
     if summary.get("test"):
-        out_console.print(f"test mIoU {summary['test']['miou']:.4f} on split {summary['test']['split']}")
+        out_console.print(
+            f"test mIoU {summary['test']['miou']:.4f} on split {summary['test']['split']}"
+        )
     out_console.print(f"{summary['seconds_per_iter']:.3f} s/it")
 
 
-# ------------------------------------------------------------------------------------------------ eval
+# ------------------------------------------------------------------------------------------- eval
+
 
 @app.command("eval")
 @reports_errors
@@ -151,24 +188,44 @@ def eval_(
     model: Annotated[Path, typer.Argument(help="Checkpoint (.pt) or export folder (spec.json).")],
     data: Annotated[Path, typer.Option(help="Dataset root.")],
     split: Annotated[str, typer.Option(help="Split to score.")] = "val",
-    protocol: Annotated[Protocol, typer.Option(help="deploy: what `cosa segment` writes (native size, "
-                                               "single scale); paper: 448x448, scales + flip.")]
-    = Protocol.deploy,
-    scales: Annotated[str, typer.Option(help="Scales of the paper protocol.")] = "1.0,0.5,1.5,0.75,1.25",
-    flip: Annotated[bool, typer.Option(help="Flip test-time augmentation (paper protocol).")] = True,
-    cam: Annotated[bool, typer.Option(help="Also score CAM and CAM pseudo-labels (checkpoints).")]
-    = True,
+    protocol: Annotated[
+        Protocol,
+        typer.Option(
+            help="deploy: what `cosa segment` writes (native size, "
+            "single scale); paper: 448x448, scales + flip."
+        ),
+    ] = Protocol.deploy,
+    scales: Annotated[
+        str, typer.Option(help="Scales of the paper protocol.")
+    ] = "1.0,0.5,1.5,0.75,1.25",
+    flip: Annotated[
+        bool, typer.Option(help="Flip test-time augmentation (paper protocol).")
+    ] = True,
+    cam: Annotated[
+        bool, typer.Option(help="Also score CAM and CAM pseudo-labels (checkpoints).")
+    ] = True,
     max_images: Annotated[int, typer.Option(help="Score only the first N images (0 = all).")] = 0,
     device: Annotated[Device, typer.Option()] = Device.auto,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """mIoU (plain, the headline), label-masked mIoU, CAM and pseudo-label quality."""
-    from cosa.evaluation.run import evaluate_model
-
     scale_values = _parse_floats(scales, "--scales")
-    result = evaluate_model(model, data, split=split, protocol=protocol.value, scales=scale_values,
-                            flip=flip, with_cam=cam, max_images=max_images, device=device.value,
-                            progress=not json_)
+    if model.is_dir() or model.suffix in (".onnx", ".plan"):
+        result = _evaluate_artifact(model, data, split, protocol.value, max_images)
+    else:
+        from cosa.evaluation.run import evaluate_checkpoint
+
+        result = evaluate_checkpoint(
+            model,
+            data,
+            split=split,
+            protocol=protocol.value,
+            scales=scale_values,
+            flip=flip,
+            with_cam=cam,
+            max_images=max_images,
+            device=device.value,
+        )
     if json_:
         print_json(result.to_json())
         return
@@ -178,13 +235,407 @@ def eval_(
     table.add_column("IoU (label-masked)", justify="right")
     for name, iou in result.per_class.items():
         masked = result.per_class_label_masked[name]
-        table.add_row(name, "-" if iou is None else f"{iou:.4f}", "-" if masked is None else f"{masked:.4f}")
+        table.add_row(
+            name, "-" if iou is None else f"{iou:.4f}", "-" if masked is None else f"{masked:.4f}"
+        )
     out_console.print(table)
-    out_console.print(f"mIoU {result.miou:.4f}   (label-masked mIoU, uses GT image labels: "
-                      f"{result.miou_label_masked:.4f})   images {result.num_images}")
+    out_console.print(
+        f"mIoU {result.miou:.4f}   (label-masked mIoU, uses GT image labels: "
+        f"{result.miou_label_masked:.4f})   images {result.num_images}"
+    )
     if result.cam_miou is not None:
-        out_console.print(f"CAM mIoU {result.cam_miou:.4f}   CPL mIoU {result.cpl_miou:.4f} "
-                          f"(coverage {result.cpl_coverage:.2f})")
+        out_console.print(
+            f"CAM mIoU {result.cam_miou:.4f}   CPL mIoU {result.cpl_miou:.4f} "
+            f"(coverage {result.cpl_coverage:.2f})"
+        )
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+@app.command()
+@reports_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the run, the export and the masks.")] = Path(
+        "runs/demo"
+    ),
+    max_iters: Annotated[int | None, typer.Option(help="Shorter or longer training.")] = None,
+    images: Annotated[int, typer.Option(help="Test images to segment at the end.")] = 8,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+) -> None:
+    """The embedded default: train on synthetic data, export to ONNX, segment test images."""
+    from cosa.config import resolve
+    from cosa.export.pipeline import ExportOptions, export_artifacts
+    from cosa.serving.runners import open_runner
+    from cosa.serving.segment import segment_inputs
+    from cosa.train.launch import launch
+
+    run = out / "run"
+    resume = (run / "checkpoints" / "last.pt").is_file()
+    result = launch(resolve("demo"), run, device=device.value, resume=resume, max_iters=max_iters)
+    summary = result if isinstance(result, dict) else result.to_json()
+    checkpoint = Path(summary["best_checkpoint"] or summary["last_checkpoint"])
+    exported = export_artifacts(checkpoint, out / "export", ExportOptions())
+    test_list = run / "data" / "ImageSets" / "Segmentation" / "test.txt"
+    names = test_list.read_text().split()[:images]
+    inputs = [str(run / "data" / "JPEGImages" / f"{name}.jpg") for name in names]
+    runner = open_runner(out / "export", backend="onnxruntime")
+    try:
+        seg = segment_inputs(inputs, out / "masks", runner, overlay=True, progress=True)
+    finally:
+        runner.close()
+    test_miou = (summary.get("test") or {}).get("miou", float("nan"))
+    out_console.print(
+        f"trained:   {checkpoint}  (test mIoU {test_miou:.3f}; curves {run / 'curves.png'}, "
+        f"pictures {run / 'vis'})"
+    )
+    out_console.print(f"exported:  {exported.onnx_path}  (spec {out / 'export' / 'spec.json'})")
+    out_console.print(f"segmented: {seg.processed} images -> {out / 'masks'}")
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class CalibMethod(str, Enum):
+    entropy = "entropy"
+    percentile = "percentile"
+    minmax = "minmax"
+
+
+@app.command()
+@reports_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.pt) written by `cosa train`.")],
+    out: Annotated[Path, typer.Option(help="Export folder (model.onnx + spec.json, ...).")],
+    precision: Annotated[
+        Precision, typer.Option(help="Primary artifact precision.")
+    ] = Precision.fp32,
+    calib: Annotated[
+        Path | None, typer.Option(help="Calibration images (required for int8).")
+    ] = None,
+    calib_size: Annotated[int | None, typer.Option(help="At most N calibration images.")] = None,
+    calib_method: Annotated[CalibMethod, typer.Option()] = CalibMethod.entropy,
+    exclude_node: Annotated[
+        list[str] | None, typer.Option(help="Keep this node in float (int8), repeatable.")
+    ] = None,
+    trt: Annotated[
+        bool, typer.Option("--trt", help="Also build a TensorRT engine (needs CUDA).")
+    ] = False,
+    min_shape: Annotated[str, typer.Option(help="Profile min NxHxW.")] = "1x224x224",
+    opt_shape: Annotated[str, typer.Option(help="Profile opt NxHxW.")] = "1x448x448",
+    max_shape: Annotated[str, typer.Option(help="Profile max NxHxW.")] = "8x1024x1024",
+    opset: Annotated[int | None, typer.Option(help="ONNX opset.")] = None,
+    workspace_mib: Annotated[
+        int | None, typer.Option(help="TensorRT workspace limit (MiB).")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Export the assignment network's seg stream: verified ONNX, FP16, INT8 (Q/DQ), TensorRT."""
+    from dataclasses import fields
+
+    from cosa.export.pipeline import ExportOptions, export_artifacts, parse_shape
+
+    given: dict[str, Any] = {
+        "precision": precision.value,
+        "calib_dir": calib,
+        "calib_size": calib_size,
+        "calib_method": calib_method.value,
+        "trt": trt,
+        "opset": opset,
+        "workspace_mib": workspace_mib,
+        "exclude_nodes": tuple(exclude_node or ()),
+        "min_shape": parse_shape(min_shape, "--min-shape"),
+        "opt_shape": parse_shape(opt_shape, "--opt-shape"),
+        "max_shape": parse_shape(max_shape, "--max-shape"),
+    }
+    known = {f.name for f in fields(ExportOptions)}
+    options = ExportOptions(**{k: v for k, v in given.items() if k in known and v is not None})
+    result = export_artifacts(checkpoint, out, options)
+    if json_:
+        print_json(result.to_json_dict())
+        return
+    for warning in result.warnings:
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+    for role, path in result.files.items():
+        out_console.print(f"{role:>10}: {path}")
+    for name, check in (result.spec.verification or {}).items():
+        out_console.print(f"verified {name}: {check}", highlight=False, soft_wrap=True)
+    out_console.print(f"primary artifact {result.primary} ({result.seconds:.0f} s)")
+
+
+# -------------------------------------------------------------------------------- segment, stream
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+    triton = "triton"
+
+
+class WireProtocol(str, Enum):
+    grpc = "grpc"
+    http = "http"
+
+
+class MaskFormat(str, Enum):
+    png = "png"
+    npy = "npy"
+
+
+@app.command()
+@reports_errors
+def segment(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    out: Annotated[
+        Path, typer.Option(help="Output folder; masks keep the inputs' relative paths.")
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Export folder, .onnx/.plan, or checkpoint .pt "
+            "(with triton: the export folder, for spec.json)."
+        ),
+    ] = None,
+    backend: Annotated[Backend, typer.Option(help="auto: from the model file.")] = Backend.auto,
+    url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
+    protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.grpc,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32|fp16|int8 artifact of an export folder (onnxruntime).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per inference call (same-size images).")
+    ] = 4,
+    overlay: Annotated[bool, typer.Option(help="Also write a blended picture per image.")] = False,
+    format_: Annotated[
+        MaskFormat, typer.Option("--format", help="png: palette PNG; npy: raw ids.")
+    ] = MaskFormat.png,
+    skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose mask exists.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Segment images; bad files are reported and skipped (exit code 1 if any failed)."""
+    from cosa.serving.runners import open_runner
+    from cosa.serving.segment import segment_inputs
+
+    runner = open_runner(
+        model, backend=backend.value, url=url, protocol=protocol.value, precision=precision
+    )
+    try:
+        summary = segment_inputs(
+            inputs,
+            out,
+            runner,
+            batch_size=batch_size,
+            fmt=format_.value,
+            overlay=overlay,
+            skip_existing=skip_existing,
+            progress=not json_,
+        )
+    finally:
+        runner.close()
+    if json_:
+        print_json(summary.to_json())
+    else:
+        for failure in summary.failed:
+            err_console.print(
+                f"failed: {failure.path}: {failure.error}", highlight=False, soft_wrap=True
+            )
+        for warning in summary.warnings:
+            err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+        out_console.print(
+            f"{summary.processed} segmented, {len(summary.failed)} failed, "
+            f"{summary.skipped} skipped in {summary.seconds:.1f} s -> {out}"
+        )
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def stream(
+    source: Annotated[str, typer.Argument(help="Video file, camera index (0) or image glob.")],
+    out: Annotated[Path, typer.Option(help="Output video with overlays (.mp4 or .avi).")],
+    model: Annotated[
+        Path | None, typer.Option(help="Export folder, .onnx/.plan or checkpoint.")
+    ] = None,
+    backend: Annotated[Backend, typer.Option()] = Backend.auto,
+    url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
+    protocol: Annotated[
+        WireProtocol, typer.Option(help="Triton protocol (grpc streams).")
+    ] = WireProtocol.grpc,
+    masks: Annotated[
+        Path | None, typer.Option(help="Also write one mask PNG per frame here.")
+    ] = None,
+    max_in_flight: Annotated[int, typer.Option(help="Frames in flight (backpressure).")] = 4,
+    max_frames: Annotated[int | None, typer.Option(help="Stop after N frames.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Segment a video or stream frame by frame, in order; report FPS and latency."""
+    from cosa.serving.runners import open_runner
+    from cosa.serving.stream import run_stream
+
+    runner = open_runner(model, backend=backend.value, url=url, protocol=protocol.value)
+    try:
+        summary = run_stream(
+            source,
+            out,
+            runner,
+            masks_dir=masks,
+            max_in_flight=max_in_flight,
+            max_frames=max_frames,
+            progress=not json_,
+        )
+    finally:
+        runner.close()
+    if json_:
+        print_json(summary.to_json())
+        return
+    out_console.print(
+        f"{summary.frames} frames -> {summary.out}: {summary.fps:.1f} FPS, latency p50 "
+        f"{summary.latency_p50_ms:.0f} ms, p95 {summary.latency_p95_ms:.0f} ms"
+    )
+
+
+# ----------------------------------------------------------------------------------------- triton
+
+
+class Platform(str, Enum):
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+    python = "python"
+
+
+class InstanceKind(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+@triton_app.command("setup")
+@reports_errors
+def triton_setup(
+    dir_: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="Install folder (default $COSA_TRITON_HOME or ~/.cache/cosa/triton)."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Reinstall even if present.")] = False,
+) -> None:
+    """Install the Triton server (nvidia-pytriton wheel) and its numpy<2 model environment."""
+    from cosa.serving.triton_server import setup_triton
+
+    install = setup_triton(dir_, force=force)
+    out_console.print(f"Triton server ready in {install.root}")
+
+
+@triton_app.command("repo")
+@reports_errors
+def triton_repo(
+    artifact_dir: Annotated[Path, typer.Argument(help="Folder written by `cosa export`.")],
+    out: Annotated[Path, typer.Option(help="Model repository to create.")],
+    platform: Annotated[
+        Platform, typer.Option(help="Backend of the segmentation model.")
+    ] = Platform.onnxruntime,
+    max_batch: Annotated[int, typer.Option(help="max_batch_size of the segmentation model.")] = 8,
+    instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
+    preferred_batch: Annotated[str, typer.Option(help="Preferred batch sizes, e.g. 4,8.")] = "",
+    max_queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching queue delay.")] = 100,
+    model_name: Annotated[str, typer.Option(help="Name of the segmentation model.")] = "cosa_seg",
+    instance_kind: Annotated[
+        InstanceKind,
+        typer.Option(help="auto: GPU for tensorrt, CPU for python, KIND_AUTO for onnxruntime."),
+    ] = InstanceKind.auto,
+    ensemble: Annotated[
+        bool, typer.Option(help="Add pre/post-processing + ensemble models.")
+    ] = True,
+    warmup: Annotated[bool, typer.Option(help="Add model_warmup.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace a repository written by cosa.")] = False,
+) -> None:
+    """Write a Triton model repository (dynamic batching, instances, warmup, ensemble)."""
+    from cosa.serving.triton_repo import write_repository
+
+    preferred = _parse_ints(preferred_batch, "--preferred-batch") if preferred_batch.strip() else ()
+    layout = write_repository(
+        artifact_dir,
+        out,
+        platform=platform.value,
+        max_batch=max_batch,
+        instances=instances,
+        preferred_batch=preferred,
+        max_queue_delay_us=max_queue_delay_us,
+        model_name=model_name,
+        instance_kind=None if instance_kind is InstanceKind.auto else instance_kind.value,
+        ensemble=ensemble,
+        warmup=warmup,
+        overwrite=overwrite,
+    )
+    out_console.print(f"wrote {out}: models {', '.join(layout.models)}")
+    out_console.print(
+        f"serve it: cosa triton serve {out}   (or: tritonserver --model-repository={out})"
+    )
+
+
+@triton_app.command("serve")
+@reports_errors
+def triton_serve(
+    repo: Annotated[Path, typer.Argument(help="Model repository (from `cosa triton repo`).")],
+    http_port: Annotated[int, typer.Option()] = 8000,
+    grpc_port: Annotated[int, typer.Option()] = 8001,
+    metrics_port: Annotated[int, typer.Option()] = 8002,
+    dir_: Annotated[
+        Path | None, typer.Option("--dir", help="Install folder of `cosa triton setup`.")
+    ] = None,
+) -> None:
+    """Run a real Triton server on loopback in the foreground (Ctrl-C / SIGTERM stop it)."""
+    from cosa.serving.triton_server import ServerPorts, docker_command, serve
+
+    err_console.print(
+        "with Docker and NVIDIA's container instead:\n  "
+        + docker_command(repo, ServerPorts(http_port, grpc_port, metrics_port)),
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(
+        serve(repo, http_port, grpc_port, metrics_port, home=dir_, log_stream=sys.stderr)
+    )
+
+
+def _evaluate_artifact(model: Path, data: Path, split: str, protocol: str, max_images: int) -> Any:
+    """Score an exported artifact (ONNX through onnxruntime, a plan through TensorRT)."""
+    from cosa.data import open_dataset
+    from cosa.errors import ConfigError
+    from cosa.evaluation.evaluate import evaluate
+    from cosa.serving.runners import open_runner
+
+    if protocol != "deploy":
+        raise ConfigError(
+            "exported artifacts are scored with --protocol deploy (what they compute); "
+            "use the checkpoint for --protocol paper"
+        )
+    runner = open_runner(model, backend="auto", return_logits=True)
+    try:
+        index = open_dataset(data, split)
+        if list(runner.spec.class_names) != list(index.class_names):
+            raise ConfigError(
+                f"{model} predicts {runner.spec.num_classes} classes but {data} has "
+                f"{len(index.class_names)}; evaluate on the dataset it was trained for"
+            )
+
+        def predict(image: Any) -> Any:
+            batch = image.transpose(2, 0, 1)[None].astype("float32")
+            return runner.infer(batch)["logits"][0]
+
+        return evaluate(predict, index, protocol="deploy", max_images=max_images)
+    finally:
+        runner.close()
 
 
 def _parse_floats(text: str, option: str) -> tuple[float, ...]:
@@ -197,6 +648,15 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
     if not values or any(v <= 0 for v in values):
         raise ConfigError(f"{option} needs positive numbers, got {text!r}")
     return values
+
+
+def _parse_ints(text: str, option: str) -> tuple[int, ...]:
+    from cosa.errors import ConfigError
+
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{option} expects comma-separated integers, got {text!r}") from None
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from cosa.data.image_io import read_mask, read_rgb
 from cosa.data.index import DatasetIndex
-from cosa.data.transforms import make_train_views
+from cosa.data.transforms import apply_view_params, mask_view, sample_view_params
 from cosa.errors import ConfigError, DataError
 
 
@@ -32,8 +32,13 @@ class TrainDataset(Dataset):
         crop_size: int,
         scale_range: tuple[float, float],
         seed: int,
+        with_masks: bool = False,
     ) -> None:
         """
+        Args:
+            with_masks: also return the ground-truth `mask` (int64 (crop, crop), 255 = ignore)
+                under the same geometry; only the fully supervised bound uses it.
+
         Raises:
             ConfigError: crop_size < 16, a scale range that is not 0 < low <= high, or seed < 0.
         """
@@ -49,6 +54,7 @@ class TrainDataset(Dataset):
         self.crop_size = crop_size
         self.scale_range = (float(low), float(high))
         self.seed = seed
+        self.with_masks = with_masks
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -62,14 +68,22 @@ class TrainDataset(Dataset):
         epoch, i = item if isinstance(item, tuple) else (self.epoch, item)
         sample = self.index.samples[i]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, i]))
-        views = make_train_views(read_rgb(sample.image_path), self.crop_size, self.scale_range, rng)
-        return {
+        image = read_rgb(sample.image_path)
+        params = sample_view_params(image.height, image.width, self.crop_size, self.scale_range, rng)
+        views = apply_view_params(image, self.crop_size, params)
+        item: dict[str, torch.Tensor | int] = {
             "weak": views.weak,
             "strong": views.strong,
             "label": torch.from_numpy(np.array(sample.label, dtype=np.float32)),
             "img_box": views.img_box,
             "index": i,
         }
+        if self.with_masks:
+            if sample.mask_path is None:
+                raise DataError(f"{sample.image_path}: fully supervised training needs a mask for "
+                                f"every image, none found for {sample.name}")
+            item["mask"] = mask_view(read_mask(sample.mask_path), self.crop_size, params)
+        return item
 
 
 class EvalDataset(Dataset):

@@ -223,6 +223,28 @@ def apply_view_params(image: Image.Image, crop_size: int, params: ViewParams) ->
     )
 
 
+def mask_view(mask: np.ndarray, crop_size: int, params: ViewParams) -> torch.Tensor:
+    """The ground-truth mask under the same geometry as the views (fully supervised training only).
+
+    Args:
+        mask: uint8 (H, W) class ids, 255 = ignore.
+        crop_size: side of the views.
+        params: the `ViewParams` the views were built with.
+
+    Returns:
+        int64 (crop, crop); nearest-neighbour resampling; padding is 255 (ignored).
+    """
+    new_h, new_w = params.size
+    img = Image.fromarray(mask).resize((new_w, new_h), Image.Resampling.NEAREST)
+    if params.flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    h0, h1, w0, w1 = crop_box(params, crop_size)
+    off_h, off_w = params.pad_top - params.crop_top, params.pad_left - params.crop_left
+    canvas = Image.new("L", (crop_size, crop_size), 255)
+    canvas.paste(img.crop((w0 - off_w, h0 - off_h, w1 - off_w, h1 - off_h)), (w0, h0))
+    return torch.from_numpy(np.asarray(canvas, dtype=np.int64).copy())
+
+
 def make_train_views(
     image: Image.Image, crop_size: int, scale_range: tuple[float, float], rng: Rng
 ) -> TrainViews:

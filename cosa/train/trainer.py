@@ -2,8 +2,9 @@
 
 One step: the assignment network (EMA teacher) makes multi-scale pseudo-labels from the weak view
 without autograd; the online network (student) sees the strong view; the objective swaps the
-assignments (CAM -> seg, seg -> CAM) and adds the regulariser and the three techniques; AdamW steps; the
-teacher follows by EMA. Everything a resume needs goes into `checkpoints/last.pt` atomically.
+assignments (CAM -> seg, seg -> CAM) and adds the regulariser and the three techniques; AdamW
+steps; the teacher follows by EMA. Everything a resume needs goes into `checkpoints/last.pt`,
+atomically.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from cosa import __version__
 from cosa.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -33,7 +34,14 @@ from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
 from cosa.evaluation.predictors import DeployPredictor
 from cosa.losses import CosaObjective
 from cosa.model import CosaNet, build_model, ema_update, make_teacher
-from cosa.pseudo import DynamicThresholds, cam_pseudo_label, seg_pseudo_label, teacher_forward
+from cosa.pseudo import (
+    DynamicThresholds,
+    TeacherOutput,
+    box_mask,
+    cam_pseudo_label,
+    seg_pseudo_label,
+    teacher_forward,
+)
 from cosa.train.distributed import DistContext, barrier, setup_distributed, teardown_distributed
 from cosa.train.rng import restore_rng_state, rng_state, seed_everything
 from cosa.train.runlog import MetricsLog, read_metrics
@@ -72,20 +80,6 @@ class TrainResult:
         }
 
 
-class _EpochIndexed(Dataset):
-    """Feeds `(epoch, index)` keys from `ResumableSampler` to a `TrainDataset`."""
-
-    def __init__(self, base: TrainDataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, index = key
-        return self.base.get(index, epoch)
-
-
 def _autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """Autocast only ever on CUDA: bf16 where supported, else fp16; None = full precision."""
     if device.type != "cuda" or choice == "off":
@@ -107,8 +101,14 @@ def _freeze_batchnorm(module: torch.nn.Module) -> None:
 class Trainer:
     """Owns the networks, optimiser, data and run folder of one training run (one process)."""
 
-    def __init__(self, cfg: CosaConfig, out: Path, ctx: DistContext, resume: bool,
-                 max_iters: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: CosaConfig,
+        out: Path,
+        ctx: DistContext,
+        resume: bool,
+        max_iters: int | None = None,
+    ) -> None:
         self.out = out
         self.ctx = ctx
         self.ckpt_dir = out / "checkpoints"
@@ -116,12 +116,18 @@ class Trainer:
         resumed: Checkpoint | None = None
         if resume:
             if not last.is_file():
-                raise CheckpointError(f"--resume: no checkpoint at {last}; start the run without --resume")
+                raise CheckpointError(
+                    f"--resume: no checkpoint at {last}; start the run without --resume"
+                )
+            for stale in self.ckpt_dir.glob(".*.tmp"):  # left by a save that was killed midway
+                stale.unlink(missing_ok=True)
             resumed = load_checkpoint(last, map_location="cpu")
             cfg = resumed.config  # a resumed run keeps its own config; only the length may change
         elif last.exists():
-            raise ConfigError(f"{out} already holds a run ({last}); pass --resume to continue it or "
-                              "choose another --out")
+            raise ConfigError(
+                f"{out} already holds a run ({last}); pass --resume to continue it or "
+                "choose another --out"
+            )
         if max_iters is not None:
             cfg = replace(cfg, train=replace(cfg.train, max_iters=max_iters))
         self.cfg = cfg
@@ -140,28 +146,51 @@ class Trainer:
             )
 
         seed_everything(cfg.train.seed)
-        self.student: CosaNet = build_model(cfg.model, num_classes=num_fg,
-                                            load_pretrained=resumed is None).to(ctx.device)
-        self.teacher: CosaNet = make_teacher(self.student, cfg.model.copy_heads_to_teacher).to(ctx.device)
+        self.student: CosaNet = build_model(
+            cfg.model, num_classes=num_fg, load_pretrained=resumed is None
+        ).to(ctx.device)
+        self.teacher: CosaNet = make_teacher(self.student, cfg.model.copy_heads_to_teacher).to(
+            ctx.device
+        )
         self.teacher.eval()
         self.optimizer = build_optimizer(
-            self.student.param_groups(cfg.optim.lr, cfg.optim.head_lr_scale, cfg.optim.weight_decay),
+            self.student.param_groups(
+                cfg.optim.lr, cfg.optim.head_lr_scale, cfg.optim.weight_decay
+            ),
             cfg.optim,
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_iters)
         self.amp_dtype = _autocast_dtype(cfg.train.amp, ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        if cfg.train.supervision not in ("weak", "full"):
+            raise ConfigError(
+                f"train.supervision must be weak or full, got {cfg.train.supervision!r}"
+            )
         self.objective = CosaObjective(cfg)
         per_side = max(1, cfg.data.crop_size // cfg.thresholds.stride)
         self.thresholds = {
             "main": DynamicThresholds(
-                cfg.pseudo.low_threshold, cfg.pseudo.high_threshold, cfg.thresholds.queue_images,
-                per_side * per_side, cfg.thresholds.min_value, cfg.thresholds.ema,
-                cfg.thresholds.em_iters, device=ctx.device, seed=cfg.train.seed),
+                cfg.pseudo.low_threshold,
+                cfg.pseudo.high_threshold,
+                cfg.thresholds.queue_images,
+                per_side * per_side,
+                cfg.thresholds.min_value,
+                cfg.thresholds.ema,
+                cfg.thresholds.em_iters,
+                device=ctx.device,
+                seed=cfg.train.seed,
+            ),
             "aux": DynamicThresholds(
-                cfg.pseudo.aux_low_threshold, cfg.pseudo.aux_high_threshold, cfg.thresholds.queue_images,
-                per_side * per_side, cfg.thresholds.min_value, cfg.thresholds.ema,
-                cfg.thresholds.em_iters, device=ctx.device, seed=cfg.train.seed + 1),
+                cfg.pseudo.aux_low_threshold,
+                cfg.pseudo.aux_high_threshold,
+                cfg.thresholds.queue_images,
+                per_side * per_side,
+                cfg.thresholds.min_value,
+                cfg.thresholds.ema,
+                cfg.thresholds.em_iters,
+                device=ctx.device,
+                seed=cfg.train.seed + 1,
+            ),
         }
         self.iteration = 0
         self.best_miou: float | None = None
@@ -171,15 +200,19 @@ class Trainer:
         self.model: torch.nn.Module = self.student
         if ctx.distributed:
             self.model = DistributedDataParallel(
-                self.student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                self.student,
+                device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 find_unused_parameters=True,  # decoder and heads get no gradient during the warm-up
             )
         self.batches = self._loader()
-        self.metrics = (MetricsLog(out / "metrics.jsonl", resume_iteration=self.iteration if resume else None)
-                        if ctx.is_main else None)
+        self.metrics = (
+            MetricsLog(out / "metrics.jsonl", resume_iteration=self.iteration if resume else None)
+            if ctx.is_main
+            else None
+        )
         self.vis_rows = self._fixed_vis_images()
 
-    # ------------------------------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------------------------- set-up
 
     def _open_data(self) -> tuple[DatasetIndex, DatasetIndex, DatasetIndex | None]:
         data = self.cfg.data
@@ -187,8 +220,9 @@ class Trainer:
             root = self.out / "data"
             if self.ctx.is_main and not (root / "classes.json").exists():
                 log.info("writing the embedded synthetic dataset to %s", root)
-                write_synthetic_dataset(root, data.synth_train, data.synth_val, data.synth_test,
-                                        seed=data.synth_seed)
+                write_synthetic_dataset(
+                    root, data.synth_train, data.synth_val, data.synth_test, seed=data.synth_seed
+                )
             barrier(self.ctx)
         else:
             root = Path(data.root)
@@ -202,16 +236,33 @@ class Trainer:
     def _loader(self) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.cfg
         if cfg.train.batch_size % self.ctx.world_size:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
-                              f"{self.ctx.world_size} processes")
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                f"{self.ctx.world_size} processes"
+            )
         per_rank = cfg.train.batch_size // self.ctx.world_size
-        dataset = TrainDataset(self.train_index, cfg.data.crop_size,
-                               (cfg.data.scale_min, cfg.data.scale_max), seed=cfg.train.seed)
-        sampler = ResumableSampler(len(dataset), per_rank, self.ctx.rank, self.ctx.world_size,
-                                   seed=cfg.train.seed, start_iteration=self.iteration)
+        dataset = TrainDataset(
+            self.train_index,
+            cfg.data.crop_size,
+            (cfg.data.scale_min, cfg.data.scale_max),
+            seed=cfg.train.seed,
+            with_masks=cfg.train.supervision == "full",
+        )
+        sampler = ResumableSampler(
+            len(dataset),
+            per_rank,
+            self.ctx.rank,
+            self.ctx.world_size,
+            seed=cfg.train.seed,
+            start_iteration=self.iteration,
+        )
         loader = DataLoader(
-            _EpochIndexed(dataset), batch_size=per_rank, sampler=sampler, drop_last=True,
-            num_workers=cfg.data.num_workers, pin_memory=self.ctx.device.type == "cuda",
+            dataset,
+            batch_size=per_rank,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.ctx.device.type == "cuda",
             persistent_workers=cfg.data.num_workers > 0,
         )
         return iter(loader)
@@ -241,7 +292,7 @@ class Trainer:
         dataset = EvalDataset(self.val_index)
         return [dataset[i] for i in range(min(self.cfg.train.vis_images, len(dataset)))]
 
-    # ---------------------------------------------------------------------------------------- the loop
+    # ----------------------------------------------------------------------------------- the loop
 
     def run(self, progress: bool = True) -> TrainResult:
         cfg = self.cfg
@@ -249,8 +300,13 @@ class Trainer:
         if progress and self.ctx.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.train.max_iters, initial=self.iteration, desc="train", unit="it",
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=cfg.train.max_iters,
+                initial=self.iteration,
+                desc="train",
+                unit="it",
+                dynamic_ncols=True,
+            )
         timings: list[float] = []
         while self.iteration < cfg.train.max_iters:
             start = time.perf_counter()
@@ -259,18 +315,28 @@ class Trainer:
             record = self._step(batch)
             elapsed = time.perf_counter() - start
             timings.append(elapsed)
-            record.update(kind="step", iter=self.iteration, sec_per_it=elapsed,
-                          images_per_sec=cfg.train.batch_size / elapsed)
+            record.update(
+                kind="step",
+                iter=self.iteration,
+                sec_per_it=elapsed,
+                images_per_sec=cfg.train.batch_size / elapsed,
+            )
             if self.metrics is not None:
                 self.metrics.write(record)
             if bar is not None:
                 bar.update(1)
                 if self.iteration % cfg.train.log_every == 0:
-                    bar.set_postfix(loss=f"{record['loss/total']:.3f}", tau_l=f"{record['tau_low']:.2f}",
-                                    tau_h=f"{record['tau_high']:.2f}")
+                    bar.set_postfix(
+                        loss=f"{record['loss/total']:.3f}",
+                        tau_l=f"{record['tau_low']:.2f}",
+                        tau_h=f"{record['tau_high']:.2f}",
+                    )
             if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.train.max_iters:
                 self._evaluate_and_select()
-            if self.iteration % cfg.train.checkpoint_every == 0 or self.iteration == cfg.train.max_iters:
+            if (
+                self.iteration % cfg.train.checkpoint_every == 0
+                or self.iteration == cfg.train.max_iters
+            ):
                 self._save(self.ckpt_dir / "last.pt")
         if bar is not None:
             bar.close()
@@ -279,18 +345,40 @@ class Trainer:
     def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """One optimisation step; returns the per-step metrics record."""
         cfg, device = self.cfg, self.ctx.device
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = {
+            k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
         self.model.train()
         _freeze_batchnorm(self.model)
-        autocast = (torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
-                    else nullcontext())
+        autocast = (
+            torch.autocast(device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else nullcontext()
+        )
+        step = self.iteration - 1  # 0-based, as the objective's warm-up rule counts
+        full = cfg.train.supervision == "full"
+        needs_teacher = not full and self.objective.warmup_factor(step) > 0.0
         with autocast:
-            teacher = teacher_forward(self.teacher, batch["weak"], batch["label"], scales=cfg.pseudo.scales,
-                                      flip=cfg.pseudo.flip,
-                                      aux_last_scale_only=cfg.pseudo.aux_last_scale_only)
-            thresholds = self._thresholds(teacher)
+            teacher = None
+            thresholds = self._fixed_thresholds()
+            if (
+                needs_teacher
+            ):  # no teacher pass during the warm-up: only cls + cls_aux are optimised
+                teacher = teacher_forward(
+                    self.teacher,
+                    batch["weak"],
+                    batch["label"],
+                    scales=cfg.pseudo.scales,
+                    flip=cfg.pseudo.flip,
+                    aux_last_scale_only=cfg.pseudo.aux_last_scale_only,
+                )
+                thresholds = self._thresholds(teacher, batch["img_box"])
             student = self.model(batch["strong"])
-            result = self.objective(student, teacher, batch, thresholds, self.iteration)
+            if full:
+                result = supervised_objective(student, batch, cfg)
+            else:
+                result = self.objective(student, teacher, batch, thresholds, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(result.total).backward()
         self.scaler.step(self.optimizer)
@@ -301,40 +389,73 @@ class Trainer:
         record: dict[str, Any] = {"loss/total": float(result.total.detach())}
         record.update({f"loss/{k}": float(v.detach()) for k, v in result.terms.items()})
         record.update({f"lr/group{i}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
-        record.update(tau_low=float(thresholds["low"]), tau_high=float(thresholds["high"]),
-                      tau_aux_low=float(thresholds["aux_low"]), tau_aux_high=float(thresholds["aux_high"]))
+        record.update(
+            tau_low=float(thresholds["low"]),
+            tau_high=float(thresholds["high"]),
+            tau_aux_low=float(thresholds["aux_low"]),
+            tau_aux_high=float(thresholds["aux_high"]),
+        )
         if not math.isfinite(record["loss/total"]):
-            raise FloatingPointError(f"loss became {record['loss/total']} at iteration {self.iteration}; "
-                                     "lower the learning rate or use train.amp=off")
+            raise FloatingPointError(
+                f"loss became {record['loss/total']} at iteration {self.iteration}; "
+                "lower the learning rate or use train.amp=off"
+            )
         return record
 
-    def _thresholds(self, teacher: Any) -> dict[str, Any]:
-        """Current CPL thresholds: fixed, or pushed through the dynamic search (METHOD.md 5.2)."""
-        cfg = self.cfg
-        if not cfg.thresholds.enabled:
-            return {"low": cfg.pseudo.low_threshold, "high": cfg.pseudo.high_threshold,
-                    "aux_low": cfg.pseudo.aux_low_threshold, "aux_high": cfg.pseudo.aux_high_threshold}
-        stride = cfg.thresholds.stride
-        pooled = F.avg_pool2d(teacher.cam.float().amax(dim=1, keepdim=True), stride)[:, 0]  # (B, h, w)
-        pooled_aux = F.avg_pool2d(teacher.aux_cam.float().amax(dim=1, keepdim=True), stride)[:, 0]
-        low, high = self.thresholds["main"].update(pooled)
-        aux_low, aux_high = self.thresholds["aux"].update(pooled_aux)
+    def _fixed_thresholds(self) -> dict[str, Any]:
+        """The thresholds in force: the dynamic ones' current values, or the configured ones."""
+        if self.cfg.thresholds.enabled:
+            main, aux = self.thresholds["main"], self.thresholds["aux"]
+            return {"low": main.low, "high": main.high, "aux_low": aux.low, "aux_high": aux.high}
+        p = self.cfg.pseudo
+        return {
+            "low": p.low_threshold,
+            "high": p.high_threshold,
+            "aux_low": p.aux_low_threshold,
+            "aux_high": p.aux_high_threshold,
+        }
+
+    def _thresholds(self, teacher: TeacherOutput, img_box: torch.Tensor) -> dict[str, Any]:
+        """Push this batch's teacher max-CAM through the dynamic search (METHOD.md 5.2)."""
+        if not self.cfg.thresholds.enabled:
+            return self._fixed_thresholds()
+        stride = self.cfg.thresholds.stride
+        height, width = teacher.cam.shape[-2:]
+        inside = box_mask(img_box, height, width).float()[:, None]  # (B, 1, H, W)
+        valid = F.avg_pool2d(inside, stride)[:, 0] > 0.5  # (B, h, w): cells mostly inside the image
+        low, high = self.thresholds["main"].update(
+            F.avg_pool2d(teacher.cam.float().amax(dim=1, keepdim=True), stride)[:, 0], valid
+        )
+        aux_low, aux_high = self.thresholds["aux"].update(
+            F.avg_pool2d(teacher.aux_cam.float().amax(dim=1, keepdim=True), stride)[:, 0], valid
+        )
         return {"low": low, "high": high, "aux_low": aux_low, "aux_high": aux_high}
 
-    # ------------------------------------------------------------------------------ evaluation, saving
+    # ------------------------------------------------------------------------- evaluation, saving
 
     def _evaluate_and_select(self) -> None:
         """Score the teacher on the selection split (val) on rank 0; keep the best as best.pt."""
         if self.ctx.is_main:
             result = self.evaluate_teacher(self.val_index)
-            record = {"kind": "eval", "iter": self.iteration, "split": result.split, "miou": result.miou,
-                      "miou_label_masked": result.miou_label_masked, "cam_miou": result.cam_miou,
-                      "cpl_miou": result.cpl_miou, "cpl_coverage": result.cpl_coverage,
-                      "eval_seconds": result.seconds}
+            record = {
+                "kind": "eval",
+                "iter": self.iteration,
+                "split": result.split,
+                "miou": result.miou,
+                "miou_label_masked": result.miou_label_masked,
+                "cam_miou": result.cam_miou,
+                "cpl_miou": result.cpl_miou,
+                "cpl_coverage": result.cpl_coverage,
+                "eval_seconds": result.seconds,
+            }
             if self.metrics is not None:
                 self.metrics.write(record)
-            log.info("iter %d: val mIoU %.4f, CAM mIoU %.4f", self.iteration, result.miou,
-                     result.cam_miou or float("nan"))
+            log.info(
+                "iter %d: val mIoU %.4f, CAM mIoU %.4f",
+                self.iteration,
+                result.miou,
+                result.cam_miou or float("nan"),
+            )
             self._save_grid()
             if self.best_miou is None or result.miou > self.best_miou:
                 self.best_miou, self.best_iteration = result.miou, self.iteration
@@ -345,15 +466,20 @@ class Trainer:
         cfg = self.cfg
         limit = cfg.train.eval_max_images if max_images is None else max_images
         low, high = self._current_thresholds()
-        quality = CamQuality(self.teacher, self.ctx.device, len(self.class_names), cfg.pseudo.scales,
-                             low, high)
-        return evaluate(DeployPredictor(self.teacher, self.ctx.device), index, protocol="deploy",
-                        max_images=limit, cam_quality=quality)
+        quality = CamQuality(
+            self.teacher, self.ctx.device, len(self.class_names), cfg.pseudo.scales, low, high
+        )
+        return evaluate(
+            DeployPredictor(self.teacher, self.ctx.device),
+            index,
+            protocol="deploy",
+            max_images=limit,
+            cam_quality=quality,
+        )
 
     def _current_thresholds(self) -> tuple[float, float]:
-        if self.cfg.thresholds.enabled:
-            return float(self.thresholds["main"].low), float(self.thresholds["main"].high)
-        return self.cfg.pseudo.low_threshold, self.cfg.pseudo.high_threshold
+        current = self._fixed_thresholds()
+        return float(current["low"]), float(current["high"])
 
     @torch.no_grad()
     def _save_grid(self) -> None:
@@ -368,21 +494,30 @@ class Trainer:
         for item in self.vis_rows:
             image, mask = item["image"], item["mask"]
             height, width = mask.shape
-            x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+            x = (
+                torch.from_numpy(np.ascontiguousarray(image))
+                .to(device)
+                .permute(2, 0, 1)[None]
+                .float()
+            )
             x = (x / 255.0 - mean) / std
             label = torch.from_numpy(item["label"]).to(device)[None].float()
-            teacher = teacher_forward(self.teacher, x, label, scales=self.cfg.pseudo.scales, flip=True)
+            teacher = teacher_forward(
+                self.teacher, x, label, scales=self.cfg.pseudo.scales, flip=True
+            )
             box = torch.tensor([[0, height, 0, width]], device=device)
             cpl = cam_pseudo_label(teacher.cam, box, low, high)[0].cpu().numpy()
             spl = seg_pseudo_label(teacher.seg, label, self.cfg.pseudo.seg_temperature).argmax(1)[0]
-            rows.append({
-                "image": image,
-                "CAM": cam_picture(image, teacher.cam.amax(dim=1)[0].cpu().numpy()),
-                "CPL": cpl,
-                "SPL": spl.cpu().numpy(),
-                "prediction": predictor(image).argmax(0),
-                "ground truth": mask,
-            })
+            rows.append(
+                {
+                    "image": image,
+                    "CAM": cam_picture(image, teacher.cam.amax(dim=1)[0].cpu().numpy()),
+                    "CPL": cpl,
+                    "SPL": spl.cpu().numpy(),
+                    "prediction": predictor(image).argmax(0),
+                    "ground truth": mask,
+                }
+            )
         save_grid(rows, self.palette, self.out / "vis" / f"iter_{self.iteration:06d}.png")
 
     def _save(self, path: Path) -> None:
@@ -400,11 +535,22 @@ class Trainer:
             scaler=self.scaler.state_dict(),
             rng=rng_state(),
             thresholds={name: t.state_dict() for name, t in self.thresholds.items()},
-            metrics={"best_val_miou": self.best_miou, "best_iteration": self.best_iteration,
-                     "selection_split": self.val_index.split},
+            metrics={
+                "best_val_miou": self.best_miou,
+                "best_iteration": self.best_iteration,
+                "selection_split": self.val_index.split,
+            },
             package_version=__version__,
         )
         save_checkpoint(ckpt, path)
+
+    def _rank_divergence(self) -> float:
+        """Max |difference| of any student parameter between ranks (0.0 when in sync)."""
+        flat = torch.cat([p.detach().float().flatten() for p in self.student.parameters()])
+        high, low = flat.clone(), flat.clone()
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        return float((high - low).abs().max())
 
     def _finish(self, timings: list[float]) -> TrainResult:
         last = self.ckpt_dir / "last.pt"
@@ -419,7 +565,8 @@ class Trainer:
                 self.teacher.load_state_dict(best_ckpt.teacher)
                 test = self.evaluate_teacher(self.test_index, max_images=0).to_json()
                 test["checkpoint"] = str(best)
-        steady = timings[min(len(timings) - 1, 3):] if timings else []
+        sync = self._rank_divergence() if self.ctx.distributed else None
+        steady = timings[min(len(timings) - 1, 3) :] if timings else []
         return TrainResult(
             out=self.out,
             iterations=self.iteration,
@@ -429,14 +576,51 @@ class Trainer:
             best_iteration=self.best_iteration,
             test=test,
             seconds_per_iter=float(np.mean(steady)) if steady else float("nan"),
-            extra={"selection_split": self.val_index.split,
-                   "test_split": self.test_index.split if self.test_index else None,
-                   "world_size": self.ctx.world_size},
+            extra={
+                "selection_split": self.val_index.split,
+                "test_split": self.test_index.split if self.test_index else None,
+                "world_size": self.ctx.world_size,
+                "ddp_max_param_divergence": sync,
+            },
         )
 
 
-def train(cfg: CosaConfig, out: Path, device: str = "auto", resume: bool = False,
-          max_iters: int | None = None, progress: bool = True) -> TrainResult:
+def supervised_objective(student: Any, batch: dict[str, torch.Tensor], cfg: CosaConfig) -> Any:
+    """The fully supervised upper bound: cls + cls_aux + pixel cross-entropy on ground-truth masks.
+
+    Same network, same views, same schedule as CoSA; only the seg stream's target changes.
+    """
+    from cosa.losses import ObjectiveResult, classification_loss
+
+    size = batch["mask"].shape[-2:]
+    seg = F.interpolate(student.seg.float(), size=size, mode="bilinear", align_corners=False)
+    terms = {
+        "cls": classification_loss(student.cls_logits.float(), batch["label"]),
+        "cls_aux": classification_loss(student.aux_cls_logits.float(), batch["label"]),
+        "seg": F.cross_entropy(seg, batch["mask"], ignore_index=255),
+    }
+    weighted = {
+        "cls": cfg.loss.cls_weight * terms["cls"],
+        "cls_aux": cfg.loss.cls_aux_weight * terms["cls_aux"],
+        "seg": terms["seg"],
+    }
+    total = sum(weighted.values())
+    return ObjectiveResult(
+        total=total,
+        terms={k: v.detach() for k, v in terms.items()},
+        weighted={k: v.detach() for k, v in weighted.items()},
+        maps=None,
+    )
+
+
+def train(
+    cfg: CosaConfig,
+    out: Path,
+    device: str = "auto",
+    resume: bool = False,
+    max_iters: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train one run in this process (a DDP rank when launched by torchrun).
 
     With `resume`, the run's own config (from `checkpoints/last.pt`) is used and `cfg` is ignored;

@@ -1,0 +1,56 @@
+"""Checkpoint format: atomic writes, round trip, clear errors for bad files."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosa.checkpoint import CHECKPOINT_VERSION, Checkpoint, load_checkpoint, save_checkpoint
+from cosa.config import preset
+from cosa.errors import CheckpointError
+
+
+def _ckpt() -> Checkpoint:
+    return Checkpoint(
+        config=preset("demo"),
+        class_names=["background", "a"],
+        palette=[[0, 0, 0], [1, 2, 3]],
+        iteration=7,
+        online={"w": torch.arange(3.0)},
+        teacher={"w": torch.ones(3)},
+        thresholds={"main": {"low": torch.tensor(0.2)}},
+    )
+
+
+def test_round_trip_and_no_temp_files(tmp_path: Path) -> None:
+    path = tmp_path / "c" / "last.pt"
+    save_checkpoint(_ckpt(), path)
+    save_checkpoint(_ckpt(), path)  # overwrite in place
+    loaded = load_checkpoint(path)
+    assert loaded.iteration == 7 and loaded.config == preset("demo")
+    assert loaded.class_names == ["background", "a"] and loaded.num_foreground == 1
+    assert torch.equal(loaded.online["w"], torch.arange(3.0))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
+def test_bad_files_give_actionable_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"state_dict": {}}, tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match="not a cosa checkpoint"):
+        load_checkpoint(tmp_path / "weights.pt")
+    save_checkpoint(_ckpt(), tmp_path / "ok.pt")
+    raw = torch.load(tmp_path / "ok.pt", weights_only=False)
+    raw["format_version"] = CHECKPOINT_VERSION + 1
+    torch.save(raw, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="format version"):
+        load_checkpoint(tmp_path / "future.pt")
+    truncated = (tmp_path / "ok.pt").read_bytes()[:200]
+    (tmp_path / "cut.pt").write_bytes(truncated)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
