@@ -1,16 +1,19 @@
-"""What CoSA and each of its three techniques are worth, on the synthetic benchmark, at one shared budget.
+"""What CoSA and each of its three techniques are worth, on the synthetic benchmark,
+at one shared budget.
 
-Variants (all on the demo backbone, EfficientNet-Lite0 with its shipped ImageNet weights, unless said):
-  a  CAM baseline: classification only (the warm-up never ends); its segmentation is the thresholded CAM
+Variants (all on the demo backbone, EfficientNet-Lite0 with its shipped ImageNet weights, unless
+said):
+  a  CAM baseline: classification only (the warm-up never ends); its segmentation is the
+     thresholded CAM
   b  CoSA as the reference code runs it (RAW, dynamic thresholds and CSP off)
   c  b + reliability weighting (RAW)          d  b + dynamic thresholds (DT)
   e  b + contrastive separation (CSP)         f  b + all three (the `demo` preset)
   g  fully supervised bound: same network and schedule, pixel labels
   h  f with a from-scratch ViT-Ti/16 (what pretraining is worth)
 
-Every run trains on `train`, selects its best checkpoint on `val`, and is scored on `test` (never used for
-selection) with the deploy forward (what `cosa segment` writes). Reported: plain mIoU (headline), CAM
-mIoU, pseudo-label (CPL) mIoU, seconds per iteration, seeds.
+Every run trains on `train`, selects its best checkpoint on `val`, and is scored on `test` (never
+used for selection) with the deploy forward (what `cosa segment` writes). Reported: plain mIoU
+(headline), CAM mIoU, pseudo-label (CPL) mIoU, seconds per iteration, seeds.
 
     python benchmarks/wsss_synth.py --iters 300 --out benchmarks/results   # JSON + markdown table
 """
@@ -94,8 +97,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Synthetic benchmark ({meta['train']}/{meta['val']}/{meta['test']} images, data seed "
         f"{meta['data_seed']}), {meta['iters']} iterations per run, batch {meta['batch']}, crop "
-        f"{meta['crop']}, CPU ({meta['threads']} threads). mIoU in % on the test split; best checkpoint "
-        "chosen on val.",
+        f"{meta['crop']}, CPU ({meta['threads']} threads). mIoU in % on the test split; "
+        "best checkpoint chosen on val.",
         "",
         "| | variant | mIoU (test) | CAM mIoU | CPL mIoU | label-masked mIoU | s/it | seed |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -183,7 +186,10 @@ def main() -> None:
 
 
 def write_tables(rows_dir: Path, out: Path) -> None:
-    """Merge every variant's JSON into wsss_synth.json and wsss_synth.md (runs of one budget only)."""
+    """Merge every variant's JSON into wsss_synth.json and wsss_synth.md.
+
+    Runs of one budget only.
+    """
     parts = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     if not parts:
         return

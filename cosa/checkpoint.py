@@ -1,8 +1,9 @@
 """Checkpoint format (DESIGN.md): one `.pt` file, written atomically (temp file + fsync + rename).
 
-Contents: format tag and version, package version, resolved config, class names and palette, iteration,
-both networks' state dicts, optimizer / scheduler / scaler state, RNG states, dynamic thresholds,
-metrics. A run killed at any moment leaves the previous file intact, never a truncated one.
+Contents: format tag and version, package version, resolved config, class names and palette,
+iteration, both networks' state dicts, optimizer / scheduler / scaler state, RNG states, dynamic
+thresholds, metrics. A run killed at any moment leaves the previous file intact, never a truncated
+one.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ class Checkpoint:
 
 
 def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
-    """Write `ckpt` to `path` atomically: a temp file in the same folder, fsync, then `os.replace`."""
+    """Write `ckpt` to `path` atomically.
+
+    A temp file in the same folder, fsync, then `os.replace`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -92,26 +96,45 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         CheckpointError: missing, corrupt, not a cosa checkpoint, or another format version.
     """
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pt file written "
-                              "by `cosa train` (e.g. RUN/checkpoints/best.pt)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass the path of a .pt file written "
+            "by `cosa train` (e.g. RUN/checkpoints/best.pt)"
+        )
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path}/checkpoints/best.pt")
+        raise CheckpointError(
+            f"{path} is a folder; pass a checkpoint file such as {path}/checkpoints/best.pt"
+        )
     try:
         raw = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({exc.__class__.__name__}); "
-                              "use another checkpoint (checkpoints/last.pt or best.pt)") from exc
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+    ) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a torch file ({exc.__class__.__name__}); "
+            "use another checkpoint (checkpoints/last.pt or best.pt)"
+        ) from exc
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a cosa checkpoint (no '{CHECKPOINT_FORMAT}' tag); pretrained "
-                              "backbone weights go to `--pretrained`, not here")
+        raise CheckpointError(
+            f"{path} is not a cosa checkpoint (no '{CHECKPOINT_FORMAT}' tag); pretrained "
+            "backbone weights go to `--pretrained`, not here"
+        )
     version = raw.get("format_version")
     if version != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {version}, this cosa reads version "
-                              f"{CHECKPOINT_VERSION}; use cosa {raw.get('package_version', '?')} or retrain")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}, this cosa reads version "
+            f"{CHECKPOINT_VERSION}; use cosa {raw.get('package_version', '?')} or retrain"
+        )
     try:
         config = from_dict(raw["config"])
     except ConfigError as exc:
-        raise CheckpointError(f"{path}: its stored config does not fit this cosa version: {exc}") from exc
+        raise CheckpointError(
+            f"{path}: its stored config does not fit this cosa version: {exc}"
+        ) from exc
     return Checkpoint(
         config=config,
         class_names=list(raw["class_names"]),
@@ -130,7 +153,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
 
 
 def build_teacher_from_checkpoint(ckpt: Checkpoint) -> CosaNet:
-    """The assignment network (EMA teacher) of `ckpt`, in eval mode, without loading pretrained files."""
+    """The assignment network (EMA teacher) of `ckpt`, in eval mode.
+
+    Built without loading pretrained files.
+    """
     from cosa.model import build_model
 
     net = build_model(ckpt.config.model, num_classes=ckpt.num_foreground, load_pretrained=False)
@@ -138,13 +164,17 @@ def build_teacher_from_checkpoint(ckpt: Checkpoint) -> CosaNet:
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint weights do not fit backbone {ckpt.config.model.backbone!r} with "
-            f"{ckpt.num_foreground} classes (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+            f"{ckpt.num_foreground} classes (missing {list(missing)[:3]}, "
+            f"unexpected {list(unexpected)[:3]})"
         )
     return net.eval()
 
 
 def load_deploy_model(path: Path) -> tuple[DeployModel, Checkpoint]:
-    """The deploy network (teacher seg stream, raw 0-255 RGB in; `logits`, `mask` out) of a checkpoint."""
+    """The deploy network of a checkpoint.
+
+    Teacher seg stream, raw 0-255 RGB in; `logits`, `mask` out.
+    """
     from cosa.model import DeployModel
 
     ckpt = load_checkpoint(path)

@@ -1,4 +1,6 @@
-"""Configuration: frozen dataclasses with defaults in code, presets, strict YAML / `key=value` overrides.
+"""Configuration: frozen dataclasses with defaults in code, presets.
+
+Strict YAML / `key=value` overrides.
 
 Every number defaults to the paper's VOC setting (METHOD.md); presets change only what differs.
 Overrides are strict: an unknown key fails with "did you mean ...", a value of the wrong type fails
@@ -173,7 +175,7 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------------------------- presets
+# ------------------------------------------------------------------------------------- presets
 
 
 def _voc() -> CosaConfig:
@@ -264,7 +266,7 @@ def preset(name: str) -> CosaConfig:
     return PRESETS[name]()
 
 
-# ------------------------------------------------------------------------------------------- overrides
+# ----------------------------------------------------------------------------------- overrides
 
 
 def _suggest(word: str, choices: typing.Iterable[str]) -> str:
@@ -346,7 +348,10 @@ def apply_overrides(cfg: CosaConfig, overrides: dict[str, Any]) -> CosaConfig:
 
 
 def parse_set_option(items: typing.Sequence[str]) -> dict[str, Any]:
-    """Parse `--set key=value` strings; values are YAML scalars/lists (`true`, `0.5`, `[1, 0.5]`)."""
+    """Parse `--set key=value` strings.
+
+    Values are YAML scalars/lists (`true`, `0.5`, `[1, 0.5]`).
+    """
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:

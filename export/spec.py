@@ -1,10 +1,11 @@
 """ModelSpec: the one place where the deploy graph's names, dtypes and classes are declared.
 
-`spec.json` sits beside every artifact (`model.onnx`, `model.plan`). The exporter writes it, the Triton
-repository writer reads it to fill `config.pbtxt`, the client checks the server's metadata against it.
+`spec.json` sits beside every artifact (`model.onnx`, `model.plan`). The exporter writes it, the
+Triton repository writer reads it to fill `config.pbtxt`, the client checks the server's metadata
+against it.
 
-Deploy-graph contract (DESIGN.md): input `images` float32 (N, 3, H, W) raw RGB 0-255; outputs `logits`
-float32 (N, K, H, W) and `mask` int32 (N, H, W); K = classes incl. background.
+Deploy-graph contract (DESIGN.md): input `images` float32 (N, 3, H, W) raw RGB 0-255; outputs
+`logits` float32 (N, K, H, W) and `mask` int32 (N, H, W); K = classes incl. background.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ class ModelSpec:
     backbone: str | None = None
     tensorrt_version: str | None = None
     gpu_name: str | None = None
-    extra_artifacts: dict[str, str] = field(default_factory=dict)  # e.g. {"int8_cpu": "model.int8_qop.onnx"}
+    extra_artifacts: dict[str, str] = field(
+        default_factory=dict
+    )  # e.g. {"int8_cpu": "model.int8_qop.onnx"}
     format_version: int = SPEC_FORMAT_VERSION
 
     @property

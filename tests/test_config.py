@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from cosa.config import CosaConfig, apply_overrides, dump_yaml, from_dict, load_yaml, preset, resolve
+from cosa.config import (
+    CosaConfig,
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    preset,
+    resolve,
+)
 from cosa.errors import ConfigError
 
 
@@ -13,7 +21,11 @@ def test_presets_carry_the_paper_settings() -> None:
     assert voc.model.backbone == "vit_base_patch16" and voc.data.crop_size == 448
     assert (voc.train.max_iters, voc.train.batch_size, voc.loss.warmup_iters) == (32000, 4, 6000)
     assert (voc.pseudo.high_threshold, voc.pseudo.low_threshold) == (0.70, 0.20)
-    assert (coco.train.max_iters, coco.train.batch_size, coco.loss.warmup_iters) == (60000, 8, 10000)
+    assert (coco.train.max_iters, coco.train.batch_size, coco.loss.warmup_iters) == (
+        60000,
+        8,
+        10000,
+    )
     assert (coco.pseudo.high_threshold, coco.pseudo.low_threshold) == (0.65, 0.25)
     assert voc.reliability.enabled and voc.thresholds.enabled and voc.separation.enabled
     assert not (ref.reliability.enabled or ref.thresholds.enabled or ref.separation.enabled)
@@ -26,9 +38,20 @@ def test_unknown_preset_lists_choices() -> None:
 
 
 def test_override_types_are_checked_and_converted() -> None:
-    cfg = apply_overrides(CosaConfig(), {"train.max_iters": 10, "loss.seg_weight": 1,
-                                         "pseudo.scales": [1.0, 0.5], "model.pretrained": None})
-    assert cfg.train.max_iters == 10 and cfg.loss.seg_weight == 1.0 and isinstance(cfg.loss.seg_weight, float)
+    cfg = apply_overrides(
+        CosaConfig(),
+        {
+            "train.max_iters": 10,
+            "loss.seg_weight": 1,
+            "pseudo.scales": [1.0, 0.5],
+            "model.pretrained": None,
+        },
+    )
+    assert (
+        cfg.train.max_iters == 10
+        and cfg.loss.seg_weight == 1.0
+        and isinstance(cfg.loss.seg_weight, float)
+    )
     assert cfg.pseudo.scales == (1.0, 0.5)
     with pytest.raises(ConfigError, match="expects an integer"):
         apply_overrides(CosaConfig(), {"train.max_iters": "ten"})
@@ -44,7 +67,9 @@ def test_unknown_key_suggests_the_closest_one() -> None:
 
 
 def test_set_option_values_are_yaml(tmp_path: Path) -> None:
-    cfg = resolve("demo", None, ["train.max_iters=7", "separation.enabled=false", "pseudo.scales=[1.0]"])
+    cfg = resolve(
+        "demo", None, ["train.max_iters=7", "separation.enabled=false", "pseudo.scales=[1.0]"]
+    )
     assert cfg.train.max_iters == 7 and not cfg.separation.enabled and cfg.pseudo.scales == (1.0,)
     with pytest.raises(ConfigError, match="key=value"):
         resolve("demo", None, ["train.max_iters"])

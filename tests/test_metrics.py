@@ -12,7 +12,8 @@ def test_miou_hand_computed_with_ignore() -> None:
     cm = ConfusionMatrix(3)
     cm.update(pred, target)
     scores = cm.scores()
-    # class 0: tp 1, gt 2, pred 2 -> 1/3; class 1: tp 2, gt 2, pred 3 -> 2/3; class 2: tp 1, gt 2, pred 1 -> 1/2
+    # class 0: tp 1, gt 2, pred 2 -> 1/3; class 1: tp 2, gt 2, pred 3 -> 2/3;
+    # class 2: tp 1, gt 2, pred 1 -> 1/2
     np.testing.assert_allclose(scores.iou, [1 / 3, 2 / 3, 1 / 2])
     assert scores.miou == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert scores.pixel_accuracy == pytest.approx(4 / 6)

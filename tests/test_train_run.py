@@ -1,4 +1,7 @@
-"""End-to-end training on a tiny synthetic set: run folder, exact resume after kill -9, DDP on gloo."""
+"""End-to-end training on a tiny synthetic set.
+
+Run folder, exact resume after kill -9, DDP on gloo.
+"""
 
 from __future__ import annotations
 

@@ -46,8 +46,9 @@ class TrainDataset(Dataset):
         if crop_size < 16:
             raise ConfigError(f"data.crop_size must be >= 16 (one output cell), got {crop_size}")
         if not 0 < low <= high:
-            raise ConfigError(f"data.scale_min/scale_max must satisfy 0 < min <= max, got "
-                              f"({low}, {high})")
+            raise ConfigError(
+                f"data.scale_min/scale_max must satisfy 0 < min <= max, got ({low}, {high})"
+            )
         if seed < 0:
             raise ConfigError(f"seed must be >= 0, got {seed}")
         self.index = index
@@ -69,7 +70,9 @@ class TrainDataset(Dataset):
         sample = self.index.samples[i]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, i]))
         image = read_rgb(sample.image_path)
-        params = sample_view_params(image.height, image.width, self.crop_size, self.scale_range, rng)
+        params = sample_view_params(
+            image.height, image.width, self.crop_size, self.scale_range, rng
+        )
         views = apply_view_params(image, self.crop_size, params)
         item: dict[str, torch.Tensor | int] = {
             "weak": views.weak,
@@ -80,8 +83,10 @@ class TrainDataset(Dataset):
         }
         if self.with_masks:
             if sample.mask_path is None:
-                raise DataError(f"{sample.image_path}: fully supervised training needs a mask for "
-                                f"every image, none found for {sample.name}")
+                raise DataError(
+                    f"{sample.image_path}: fully supervised training needs a mask for "
+                    f"every image, none found for {sample.name}"
+                )
             item["mask"] = mask_view(read_mask(sample.mask_path), self.crop_size, params)
         return item
 
@@ -120,9 +125,11 @@ class EvalDataset(Dataset):
         image = np.asarray(read_rgb(sample.image_path), dtype=np.uint8)
         mask = read_mask(sample.mask_path)
         if mask.shape != image.shape[:2]:
-            raise DataError(f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
-                            f"{sample.image_path} is {image.shape[1]}x{image.shape[0]} (after EXIF "
-                            "rotation); masks must match their images")
+            raise DataError(
+                f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
+                f"{sample.image_path} is {image.shape[1]}x{image.shape[0]} (after EXIF "
+                "rotation); masks must match their images"
+            )
         return {
             "image": image,
             "mask": mask,

@@ -1,8 +1,10 @@
-"""Score a predictor on a dataset split: plain mIoU (headline), label-masked mIoU, CAM and CPL quality.
+"""Score a predictor on a dataset split.
 
-METHOD.md section 7. The label-masked metric (the reference's "Seg_vd") sets the logits of foreground
-classes absent from the ground-truth image label to -inf before the argmax: it leaks labels and is
-reported separately, under that name, never as the headline.
+Plain mIoU (headline), label-masked mIoU, CAM and CPL quality.
+
+METHOD.md section 7. The label-masked metric (the reference's "Seg_vd") sets the logits of
+foreground classes absent from the ground-truth image label to -inf before the argmax: it leaks
+labels and is reported separately, under that name, never as the headline.
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ class CamQuality:
         cam_pred = torch.where(peak > CAM_BACKGROUND_THRESHOLD, arg + 1, torch.zeros_like(arg))
         self.cam_matrix.update(cam_pred[0].cpu().numpy(), mask)
         box = torch.tensor([[0, height, 0, width]], device=self.device)
-        cpl = cam_pseudo_label(cam, box, self.low, self.high)[0].cpu().numpy()  # (H, W), 255 = ignore
+        cpl = (
+            cam_pseudo_label(cam, box, self.low, self.high)[0].cpu().numpy()
+        )  # (H, W), 255 = ignore
         keep = (cpl != 255) & (mask != 255)
         target = np.where(keep, mask, 255).astype(np.uint8)
         self.cpl_matrix.update(np.where(keep, cpl, 0), target)

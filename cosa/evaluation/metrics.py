@@ -22,9 +22,13 @@ class ConfusionMatrix:
     def update(self, prediction: np.ndarray, target: np.ndarray) -> None:
         """Add one image. `prediction`, `target`: integer arrays of the same (H, W) shape."""
         if prediction.shape != target.shape:
-            raise ValueError(f"prediction {prediction.shape} and target {target.shape} differ in shape")
+            raise ValueError(
+                f"prediction {prediction.shape} and target {target.shape} differ in shape"
+            )
         valid = target < self.num_classes
-        index = target[valid].astype(np.int64) * self.num_classes + prediction[valid].astype(np.int64)
+        index = target[valid].astype(np.int64) * self.num_classes + prediction[valid].astype(
+            np.int64
+        )
         self.matrix += np.bincount(index, minlength=self.num_classes**2).reshape(
             self.num_classes, self.num_classes
         )
@@ -59,5 +63,6 @@ class SegmentationScores:
 
     def per_class(self, class_names: list[str]) -> dict[str, float | None]:
         return {
-            name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, self.iou, strict=True)
+            name: (None if np.isnan(v) else float(v))
+            for name, v in zip(class_names, self.iou, strict=True)
         }

@@ -1,9 +1,10 @@
 """Ways to turn one image into segmentation logits, for evaluation.
 
 A predictor maps an RGB uint8 image (H, W, 3) to float32 logits (K, H, W) at the image's size.
-`DeployPredictor` scores exactly what `cosa segment` writes (deploy forward, native resolution, single
-scale). `PaperProtocolPredictor` is the reference protocol (METHOD.md 7): resize to 448x448 ignoring
-aspect, scales (1.0, 0.5, 1.5, 0.75, 1.25) + flip, summed seg logits, upsampled to the label size.
+`DeployPredictor` scores exactly what `cosa segment` writes (deploy forward, native resolution,
+single scale). `PaperProtocolPredictor` is the reference protocol (METHOD.md 7): resize to 448x448
+ignoring aspect, scales (1.0, 0.5, 1.5, 0.75, 1.25) + flip, summed seg logits, upsampled to the
+label size.
 Exported artifacts (ONNX, TensorRT) plug in through any callable with the same signature.
 """
 
@@ -74,9 +75,12 @@ class PaperProtocolPredictor:
             xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
             batch = torch.cat([xs, xs.flip(-1)]) if self.flip else xs
             seg = self.net.forward_seg(batch)  # (1 or 2, K, side/16, side/16)
-            seg = F.interpolate(seg.float(), size=(self.size, self.size), mode="bilinear",
-                                align_corners=False)
+            seg = F.interpolate(
+                seg.float(), size=(self.size, self.size), mode="bilinear", align_corners=False
+            )
             summed = seg[0] + seg[1].flip(-1) if self.flip else seg[0]
             total = summed if total is None else total + summed
-        logits = F.interpolate(total[None], size=(height, width), mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            total[None], size=(height, width), mode="bilinear", align_corners=False
+        )
         return logits[0].cpu().numpy()

@@ -39,7 +39,8 @@ def evaluate_checkpoint(
     index = open_dataset(data, split)
     if list(index.class_names) != list(ckpt.class_names):
         raise CheckpointError(
-            f"{checkpoint} predicts {len(ckpt.class_names)} classes ({', '.join(ckpt.class_names[:4])}, ...) "
+            f"{checkpoint} predicts {len(ckpt.class_names)} classes "
+            f"({', '.join(ckpt.class_names[:4])}, ...) "
             f"but {data} has {len(index.class_names)} ({', '.join(index.class_names[:4])}, ...); "
             "evaluate on the dataset the model was trained for"
         )
@@ -54,5 +55,7 @@ def evaluate_checkpoint(
         thresholds = (ckpt.thresholds or {}).get("main") or {}
         low = float(thresholds.get("low", ckpt.config.pseudo.low_threshold))
         high = float(thresholds.get("high", ckpt.config.pseudo.high_threshold))
-        quality = CamQuality(net, torch_device, len(index.class_names), ckpt.config.pseudo.scales, low, high)
+        quality = CamQuality(
+            net, torch_device, len(index.class_names), ckpt.config.pseudo.scales, low, high
+        )
     return evaluate(predictor, index, protocol=protocol, max_images=max_images, cam_quality=quality)

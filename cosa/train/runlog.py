@@ -1,4 +1,7 @@
-"""The run folder's text records: `metrics.jsonl` (one JSON object per line) and the progress bar."""
+"""The run folder's text records: `metrics.jsonl` and the progress bar.
+
+`metrics.jsonl` holds one JSON object per line.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +12,23 @@ from typing import Any
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `metrics.jsonl`; flushed per record so a killed run keeps it.
+    """Appends one JSON object per line to `metrics.jsonl`.
 
-    On resume, records of iterations beyond the resumed iteration (written after the checkpoint the run
-    resumes from) are dropped first, so the file never holds two different histories of one iteration.
+    Flushed per record so a killed run keeps it.
+
+    On resume, records of iterations beyond the resumed iteration (written after the checkpoint the
+    run resumes from) are dropped first, so the file never holds two different histories of one
+    iteration.
     """
 
     def __init__(self, path: Path, resume_iteration: int | None = None) -> None:
         self.path = path
         if resume_iteration is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and _record_iteration(line) <= resume_iteration]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and _record_iteration(line) <= resume_iteration
+            ]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)

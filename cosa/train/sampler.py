@@ -1,8 +1,9 @@
 """An infinite, rank-sharded, resumable sampler: the data order is a pure function of the seed.
 
-Epoch e visits a permutation drawn from `seed + e`; rank r of W takes every W-th index of it (the tail
-that does not fill a whole global batch is dropped, like DistributedSampler with drop_last). Starting
-at iteration n resumes exactly where a run that stopped after n iterations would have continued.
+Epoch e visits a permutation drawn from `seed + e`; rank r of W takes every W-th index of it (the
+tail that does not fill a whole global batch is dropped, like DistributedSampler with drop_last).
+Starting at iteration n resumes exactly where a run that stopped after n iterations would have
+continued.
 Items are `(epoch, index)` pairs so the dataset can derive per-sample augmentation seeds from them.
 """
 
@@ -16,12 +17,19 @@ from torch.utils.data import Sampler
 
 class ResumableSampler(Sampler[tuple[int, int]]):
     def __init__(
-        self, num_samples: int, batch_per_rank: int, rank: int, world_size: int, seed: int,
+        self,
+        num_samples: int,
+        batch_per_rank: int,
+        rank: int,
+        world_size: int,
+        seed: int,
         start_iteration: int = 0,
     ) -> None:
         if num_samples < batch_per_rank * world_size:
-            raise ValueError(f"dataset of {num_samples} images is smaller than one global batch "
-                             f"({batch_per_rank * world_size})")
+            raise ValueError(
+                f"dataset of {num_samples} images is smaller than one global batch "
+                f"({batch_per_rank * world_size})"
+            )
         self.num_samples = num_samples
         self.batch_per_rank = batch_per_rank
         self.rank = rank

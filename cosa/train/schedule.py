@@ -1,4 +1,7 @@
-"""Optimiser and learning-rate schedule (METHOD.md section 6): AdamW, linear warm-up, then poly decay."""
+"""Optimiser and learning-rate schedule (METHOD.md section 6).
+
+AdamW, linear warm-up, then poly decay.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ from cosa.config import OptimConfig
 def lr_multiplier(step: int, warmup_iters: int, max_iters: int, power: float) -> float:
     """LR factor at optimiser step `step` (0-based).
 
-    Linear warm-up from ~0 to 1 over `warmup_iters` steps (the reference's `1 - (1 - s/W)(1 - 1e-6)`),
-    multiplied by the poly decay `(1 - s/N)^power`, floored at 0.
+    Linear warm-up from ~0 to 1 over `warmup_iters` steps (the reference's
+    `1 - (1 - s/W)(1 - 1e-6)`), multiplied by the poly decay `(1 - s/N)^power`, floored at 0.
     """
     poly = max(0.0, 1.0 - step / max(1, max_iters)) ** power
     if step < warmup_iters:
@@ -24,8 +27,9 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.A
     for group in param_groups:
         group.setdefault("weight_decay", cfg.weight_decay)
         group["initial_lr"] = group["lr"]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
 
 
 def build_scheduler(

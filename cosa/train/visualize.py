@@ -1,4 +1,7 @@
-"""Pictures of a run: a per-evaluation grid (image, CAM, CPL, SPL, prediction, ground truth) and curves."""
+"""Pictures of a run: a per-evaluation grid and curves.
+
+The grid shows image, CAM, CPL, SPL, prediction, ground truth.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ def _save_png_atomic(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_grid(rows: list[dict[str, np.ndarray]], palette: list[list[int]], path: Path,
-              cell: int = 160) -> None:
+def save_grid(
+    rows: list[dict[str, np.ndarray]], palette: list[list[int]], path: Path, cell: int = 160
+) -> None:
     """One row per image; each row maps COLUMNS to (H, W, 3) uint8 pictures or (H, W) id maps."""
     header = 18
     canvas = Image.new("RGB", (cell * len(COLUMNS), header + cell * len(rows)), (32, 32, 32))
