@@ -41,11 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec, ShapeProfile, write_spec
 from cosa.serving.triton_client import TritonSegmentationClient
 from cosa.serving.triton_repo import write_repository
 from cosa.serving.triton_server import TritonServer
-from PIL import Image
 
 NUM_CLASSES = 21  # VOC: background + 20
 

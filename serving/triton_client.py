@@ -29,6 +29,8 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+
+from cosa.errors import InputError, ServingError
 from cosa.export.spec import (
     INPUT_NAME,
     LOGITS_NAME,
@@ -43,8 +45,6 @@ from cosa.serving.triton_repo import (
     ensemble_model_name,
     triton_dtype,
 )
-
-from cosa.errors import InputError, ServingError
 
 __all__ = [
     "Protocol",

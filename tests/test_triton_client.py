@@ -9,6 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from tritonclient.utils import InferenceServerException
+
+from cosa.errors import InputError, ServingError
 from cosa.serving.triton_client import (
     TritonSegmentationClient,
     bucket_by_size,
@@ -16,9 +19,6 @@ from cosa.serving.triton_client import (
     with_retries,
 )
 from cosa.serving.triton_server import free_ports
-from tritonclient.utils import InferenceServerException
-
-from cosa.errors import InputError, ServingError
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

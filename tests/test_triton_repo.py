@@ -17,6 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from google.protobuf import text_format
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from tritonclient.grpc import model_config_pb2
+
+from cosa.errors import ExportError, ServingError
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec, ShapeProfile, write_spec
 from cosa.serving import triton_repo
 from cosa.serving.triton_repo import (
@@ -27,12 +33,6 @@ from cosa.serving.triton_repo import (
     write_repository,
 )
 from cosa.triton_models import read_template
-from google.protobuf import text_format
-from onnx import TensorProto, helper, numpy_helper
-from PIL import Image
-from tritonclient.grpc import model_config_pb2
-
-from cosa.errors import ExportError, ServingError
 
 PALETTE = ((0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0))
 PROFILE = ShapeProfile(min=(1, 16, 16), opt=(1, 48, 64), max=(8, 256, 256))

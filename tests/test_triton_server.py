@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from cosa.errors import InputError, MissingDependencyError, ServingError
 from cosa.export.spec import (
     INPUT_NAME,
     LOGITS_NAME,
@@ -40,9 +43,6 @@ from cosa.serving.triton_server import (
     free_ports,
     serve,
 )
-from PIL import Image
-
-from cosa.errors import InputError, MissingDependencyError, ServingError
 
 CLASSES = ("background", "square", "disc")
 PALETTE = ((0, 0, 0), (200, 30, 30), (30, 200, 30))

@@ -16,12 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cosa.data import DatasetIndex, EvalDataset
-from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cosa.evaluation.metrics import ConfusionMatrix
-from cosa.evaluation.predictors import Predictor
+from cosa.evaluation.predictors import Predictor, normalised_image
 from cosa.model import CosaNet
 from cosa.pseudo import cam_pseudo_label, teacher_forward
 
@@ -85,15 +83,12 @@ class CamQuality:
         self.cpl_matrix = ConfusionMatrix(num_classes)
         self.cpl_labelled = 0
         self.labelled = 0
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def update(self, image: np.ndarray, mask: np.ndarray, label: np.ndarray) -> None:
         """Add one image (uint8 (H, W, 3)), its GT mask (H, W) and image label (C,)."""
         height, width = mask.shape
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
-        x = (x.float() / 255.0 - self.mean) / self.std
+        x = normalised_image(image, self.device)
         y = torch.from_numpy(label).to(self.device)[None].float()
         teacher = teacher_forward(self.net, x, y, scales=self.scales, flip=True)
         cam = teacher.cam  # (1, C, H, W) in [0, 1], absent classes zero
@@ -166,8 +161,3 @@ def evaluate(
         result.cpl_miou = cam_quality.cpl_matrix.scores().miou
         result.cpl_coverage = cam_quality.cpl_labelled / max(1, cam_quality.labelled)
     return result
-
-
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, K, h, w) -> (N, K, H, W) bilinear, no antialias (matches the deploy graph)."""
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

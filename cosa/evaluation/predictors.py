@@ -27,9 +27,17 @@ class Predictor(Protocol):
     def __call__(self, image: np.ndarray) -> np.ndarray: ...
 
 
-def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, H, W) float32 0-255."""
-    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
+def image_to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 0-255 (read-only arrays are copied, not aliased)."""
+    array = np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    return torch.from_numpy(array).to(device).permute(2, 0, 1)[None].float()
+
+
+def normalised_image(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) ImageNet-normalised float32, the training networks' input."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (image_to_tensor(image, device) / 255.0 - mean) / std
 
 
 class DeployPredictor:
@@ -41,7 +49,7 @@ class DeployPredictor:
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        logits, _ = self.model(_to_tensor(image, self.device))  # (1, K, H, W)
+        logits, _ = self.model(image_to_tensor(image, self.device))  # (1, K, H, W)
         return logits[0].float().cpu().numpy()
 
 
@@ -61,13 +69,11 @@ class PaperProtocolPredictor:
         self.scales = tuple(scales)
         self.flip = flip
         self.size = size
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
-        x = (_to_tensor(image, self.device) - self.mean) / self.std
+        x = normalised_image(image, self.device)
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         total = None
         for scale in self.scales:

@@ -28,10 +28,9 @@ from cosa import __version__
 from cosa.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cosa.config import CosaConfig, dump_yaml
 from cosa.data import DatasetIndex, EvalDataset, TrainDataset, open_dataset, write_synthetic_dataset
-from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cosa.errors import CheckpointError, ConfigError, DataError
 from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
-from cosa.evaluation.predictors import DeployPredictor
+from cosa.evaluation.predictors import DeployPredictor, normalised_image
 from cosa.losses import CosaObjective
 from cosa.model import CosaNet, build_model, ema_update, make_teacher
 from cosa.pseudo import (
@@ -486,21 +485,13 @@ class Trainer:
         if not self.vis_rows:
             return
         device = self.ctx.device
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         predictor = DeployPredictor(self.teacher, device)
         low, high = self._current_thresholds()
         rows = []
         for item in self.vis_rows:
             image, mask = item["image"], item["mask"]
             height, width = mask.shape
-            x = (
-                torch.from_numpy(np.ascontiguousarray(image))
-                .to(device)
-                .permute(2, 0, 1)[None]
-                .float()
-            )
-            x = (x / 255.0 - mean) / std
+            x = normalised_image(image, device)
             label = torch.from_numpy(item["label"]).to(device)[None].float()
             teacher = teacher_forward(
                 self.teacher, x, label, scales=self.cfg.pseudo.scales, flip=True
