@@ -1,0 +1,475 @@
+"""Inference benchmark: torch eager vs onnxruntime FP32 / FP16 / INT8 (TensorRT where available).
+
+For the demo network (EfficientNet-Lite0 + LargeFOV, decoder 128: `--checkpoint CKPT` or, without
+one, an untrained model with the shipped ImageNet encoder weights) and for a ViT-S/16 (random init:
+speed only), measured side by side in one process at the same input size:
+
+  * latency p50/p95 (ms per batch) and images/s at batch 1 and 8, each runtime with the same number
+    of intra-op threads (`--threads`, default: all cores), onnxruntime with ORT_ENABLE_ALL;
+  * each artifact's mIoU on the synthetic test split at native image size (only meaningful with a
+    trained `--checkpoint`; the untrained demo model's mIoU is reported but says nothing), its mask
+    agreement with FP32, and the INT8 mIoU drop;
+  * a small onnxruntime settings sweep (optimisation level x threads) and onnxruntime's per-op-type
+    profile of the FP32 graphs, which say where the time goes.
+
+Artifacts come from `cosa.export.export_artifacts` (FP32 + INT8 Q/DQ + the INT8 CPU flavour,
+calibrated on synthetic train images), FP16 from `cosa.export.fp16`. Results go to
+`benchmarks/results/inference.json` and `inference.md`.
+
+    python benchmarks/inference.py [--checkpoint runs/demo/checkpoints/best.pt] [--size 448]
+
+Timings on a shared machine are noisy: compare ratios from one run, not numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cosa.checkpoint import Checkpoint, load_deploy_model, save_checkpoint
+from cosa.config import ModelConfig, preset
+from cosa.data import open_dataset, read_mask, read_rgb, write_synthetic_dataset
+from cosa.evaluation.metrics import ConfusionMatrix
+from cosa.export.fp16 import convert_to_fp16
+from cosa.export.onnx_export import export_onnx
+from cosa.export.pipeline import ExportOptions, export_artifacts
+from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME
+from cosa.export.verify import FP16_TOLERANCE, compare, onnxruntime_runner, random_images
+from cosa.model import DeployModel, build_model
+
+logger = logging.getLogger("benchmarks.inference")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+TARGETS = {"demo": 2.0, "vit_s": 1.2}  # ORT FP32 speed-up over torch eager (issue 4)
+MAX_INT8_MIOU_DROP = 1.0  # points
+
+
+@dataclass
+class Row:
+    """One runtime/artifact of one model at one batch size."""
+
+    model: str
+    runtime: str
+    artifact: str
+    batch: int
+    p50_ms: float
+    p95_ms: float
+    images_per_s: float
+    speedup_vs_torch: float | None = None
+    miou: float | None = None
+    mask_agreement_vs_fp32: float | None = None
+
+
+# ------------------------------------------------------------------------------------ runners
+
+
+def torch_runner(model: torch.nn.Module) -> Runner:
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            logits, mask = model(torch.from_numpy(images))
+        return logits.numpy(), mask.numpy()
+
+    return run
+
+
+def ort_session(path: Path, threads: int, level: str = "ORT_ENABLE_ALL",
+                profile_prefix: str | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session: Any) -> Runner:
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, mask = session.run([LOGITS_NAME, MASK_NAME], {INPUT_NAME: images})
+        return logits, mask
+
+    return run
+
+
+def measure(
+    runs: dict[Any, Runner], images: np.ndarray, warmup: int, repeats: int
+) -> dict[Any, tuple[float, float, float]]:
+    """(p50 ms, p95 ms, images/s) of each `run(images)` over `repeats` timed calls.
+
+    The runners take turns call by call (round robin), so a burst of load from other processes on
+    a shared machine slows all of them alike instead of one runner's whole series.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run(images)
+    times: dict[Any, list[float]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run(images)
+            times[key].append(time.perf_counter() - start)
+    stats = {}
+    for key, series in times.items():
+        p50 = statistics.median(series)
+        stats[key] = (p50 * 1e3, float(np.percentile(series, 95)) * 1e3, images.shape[0] / p50)
+    return stats
+
+
+# ------------------------------------------------------------------------------------ accuracy
+
+
+def segment_split(run: Runner, samples: list[Any]) -> list[np.ndarray]:
+    """Masks (H, W) int32 for every sample, one image per call at its native size."""
+    masks = []
+    for sample in samples:
+        image = np.asarray(read_rgb(sample.image_path), dtype=np.float32).transpose(2, 0, 1)
+        masks.append(run(np.ascontiguousarray(image[None]))[1][0])
+    return masks
+
+
+def miou(masks: list[np.ndarray], samples: list[Any], num_classes: int) -> float:
+    matrix = ConfusionMatrix(num_classes)
+    for mask, sample in zip(masks, samples, strict=True):
+        matrix.update(mask, read_mask(sample.mask_path))
+    return 100.0 * matrix.scores().miou
+
+
+def agreement(masks: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    same = sum(int((a == b).sum()) for a, b in zip(masks, reference, strict=True))
+    return same / sum(m.size for m in reference)
+
+
+# ------------------------------------------------------------------------------------ profiling
+
+
+def ort_profile(path: Path, images: np.ndarray, threads: int, runs: int, work: Path) -> dict:
+    """Share of node time per op type over `runs` calls, from onnxruntime's profiler."""
+    session = ort_session(path, threads, profile_prefix=str(work / f"profile_{path.stem}"))
+    for _ in range(runs + 1):
+        session.run(None, {INPUT_NAME: images})
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    per_op: Counter[str] = Counter()
+    for event in trace:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            per_op[event["args"].get("op_name", "?")] += int(event["dur"])
+    total = sum(per_op.values()) or 1
+    return {op: round(100.0 * dur / total, 1) for op, dur in per_op.most_common(8)}
+
+
+def torch_profile(model: torch.nn.Module, images: np.ndarray) -> dict:
+    """Share of CPU self time per aten op of one torch eager call."""
+    x = torch.from_numpy(images)
+    with torch.inference_mode():
+        model(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return {e.key: round(100.0 * e.self_cpu_time_total / total, 1) for e in top}
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def demo_checkpoint(args: argparse.Namespace, work: Path, class_names: tuple[str, ...],
+                    palette: tuple[tuple[int, int, int], ...]) -> tuple[Path, bool]:
+    """The checkpoint to benchmark and whether its mIoU means anything (trained or not)."""
+    if args.checkpoint:
+        return Path(args.checkpoint), True
+    cfg = preset("demo")
+    torch.manual_seed(0)
+    net = build_model(cfg.model, num_classes=len(class_names) - 1, load_pretrained=True)
+    state = net.state_dict()
+    path = work / "untrained_demo.pt"
+    save_checkpoint(Checkpoint(config=cfg, class_names=list(class_names),
+                               palette=[list(c) for c in palette], iteration=0, online=state,
+                               teacher=state), path)
+    return path, False
+
+
+def synthetic_data(args: argparse.Namespace, work: Path) -> Path:
+    if args.data:
+        return Path(args.data)
+    root = work / "synth"
+    write_synthetic_dataset(root, n_train=args.calib_images, n_val=0, n_test=args.miou_images,
+                            seed=0)
+    return root
+
+
+def calibration_folder(root: Path, count: int, work: Path) -> Path:
+    """Train-split images only (never the test images the mIoU is measured on)."""
+    folder = work / "calib"
+    folder.mkdir()
+    for sample in open_dataset(root, "train").samples[:count]:
+        shutil.copy(sample.image_path, folder / sample.image_path.name)
+    return folder
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def timing_rows(model_name: str, runners: dict[tuple[str, str], Runner], size: int,
+                args: argparse.Namespace) -> list[Row]:
+    """Rows at batch 1 and 8; `runners` must start with torch eager (the speed-up reference)."""
+    rows = []
+    for batch in (1, 8):
+        images = random_images([(batch, size, size)], seed=batch)[0]
+        repeats = args.repeats if batch == 1 else max(3, args.repeats // 3)
+        logger.info("timing %s at batch %d (%d rounds)", model_name, batch, repeats)
+        stats = measure(runners, images, warmup=1, repeats=repeats)
+        eager = stats[next(iter(runners))][0]
+        for (runtime, artifact), (p50, p95, ips) in stats.items():
+            rows.append(Row(model_name, runtime, artifact, batch, round(p50, 1), round(p95, 1),
+                            round(ips, 2), round(eager / p50, 2)))
+    return rows
+
+
+def settings_sweep(path: Path, size: int, args: argparse.Namespace) -> list[dict]:
+    images = random_images([(1, size, size)])[0]
+    runs = {
+        (level, threads): ort_runner(ort_session(path, threads, level))
+        for level in ("ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+        for threads in sorted({1, args.threads})
+    }
+    stats = measure(runs, images, warmup=1, repeats=max(3, args.repeats // 2))
+    return [{"level": level, "threads": threads, "p50_ms": round(p50, 1)}
+            for (level, threads), (p50, _, _) in stats.items()]
+
+
+def run_demo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    root = synthetic_data(args, work)
+    test = open_dataset(root, "test")
+    samples = list(test.samples[: args.miou_images])
+    ckpt_path, trained = demo_checkpoint(args, work, test.class_names, test.palette)
+    model, ckpt = load_deploy_model(ckpt_path)
+    torch.set_num_threads(args.threads)
+
+    export_dir = work / "demo_export"
+    calib_dir = calibration_folder(root, args.calib_images, work)
+    options = ExportOptions(precision="int8", calib_dir=calib_dir, calib_size=args.calib_images,
+                            calib_method=args.calib_method)
+    started = time.perf_counter()
+    result = export_artifacts(ckpt_path, export_dir, options)
+    export_seconds = time.perf_counter() - started
+    fp32 = export_dir / "model.onnx"
+    fp16 = convert_to_fp16(fp32, work / "model.fp16.onnx")
+    fp16_check = compare(onnxruntime_runner(fp16), onnxruntime_runner(fp32),
+                         random_images([(1, 224, 224), (1, 333, 517)]), artifact=fp16.name,
+                         reference_name=fp32.name, images_name="random",
+                         tolerance=FP16_TOLERANCE).to_json_dict()
+
+    runners: dict[tuple[str, str], Runner] = {
+        ("torch eager", "checkpoint"): torch_runner(model),
+        ("onnxruntime", "model.onnx (fp32)"): ort_runner(ort_session(fp32, args.threads)),
+        ("onnxruntime", "model.fp16.onnx"): ort_runner(ort_session(fp16, args.threads)),
+        ("onnxruntime", "model.int8.onnx (s8 Q/DQ, TensorRT file)"):
+            ort_runner(ort_session(export_dir / "model.int8.onnx", args.threads)),
+        ("onnxruntime", "model.int8_cpu.onnx (u8s8 QOperator)"):
+            ort_runner(ort_session(export_dir / "model.int8_cpu.onnx", args.threads)),
+    }
+    rows = timing_rows("demo efficientnet_lite0", runners, args.size, args)
+
+    num_classes = len(test.class_names)
+    masks = {}
+    for key, run in runners.items():
+        logger.info("segmenting the test split: %s %s", *key)
+        masks[key] = segment_split(run, samples)
+    fp32_key = ("onnxruntime", "model.onnx (fp32)")
+    scores = {key: round(miou(m, samples, num_classes), 2) for key, m in masks.items()}
+    agreements = {key: round(agreement(m, masks[fp32_key]), 4) for key, m in masks.items()}
+    for row in rows:
+        row.miou = scores[(row.runtime, row.artifact)]
+        row.mask_agreement_vs_fp32 = agreements[(row.runtime, row.artifact)]
+    fp32_miou = scores[fp32_key]
+    int8_drop = {artifact: round(fp32_miou - score, 2) for (_, artifact), score in scores.items()
+                 if "int8" in artifact}
+    # The TensorRT file's accuracy as TensorRT computes it: Q/DQ evaluated exactly, without
+    # onnxruntime's x86 int8 kernels (see cosa.export.verify.onnxruntime_runner).
+    exact_runner = onnxruntime_runner(export_dir / "model.int8.onnx", optimize=False)
+    exact_masks = segment_split(exact_runner, samples)
+    exact_miou = round(miou(exact_masks, samples, num_classes), 2)
+
+    image = random_images([(1, args.size, args.size)])[0]
+    return {
+        "rows": [asdict(r) for r in rows],
+        "trained": trained,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "miou_images": len(samples),
+        "calibration": result.spec.calibration | {"source": "synthetic train split"},
+        "export_seconds": round(export_seconds, 1),
+        "verification": result.spec.verification,
+        "fp16_verification": fp16_check,
+        "int8_miou_drop": int8_drop,
+        "int8_qdq_exact_miou": exact_miou,
+        "int8_qdq_exact_miou_drop": round(fp32_miou - exact_miou, 2),
+        "int8_qdq_exact_agreement": round(agreement(exact_masks, masks[fp32_key]), 4),
+        "ort_sweep": settings_sweep(fp32, args.size, args),
+        "ort_profile_fp32": ort_profile(fp32, image, args.threads, 3, work),
+        "torch_profile": torch_profile(model, image),
+    }
+
+
+def run_vit_s(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(backbone="vit_small_patch16", decoder_channels=128),
+                      num_classes=10, load_pretrained=False)
+    model = DeployModel(net).eval()
+    path = export_onnx(model, work / "vit_s.onnx")
+    runners = {("torch eager", "random init"): torch_runner(model),
+               ("onnxruntime", "model.onnx (fp32)"): ort_runner(ort_session(path, args.threads))}
+    rows = timing_rows("ViT-S/16 (random init)", runners, args.size, args)
+    image = random_images([(1, args.size, args.size)])[0]
+    return {"rows": [asdict(r) for r in rows],
+            "ort_sweep": settings_sweep(path, args.size, args),
+            "ort_profile_fp32": ort_profile(path, image, args.threads, 3, work),
+            "torch_profile": torch_profile(model, image)}
+
+
+def tensorrt_status() -> str:
+    try:
+        from cosa.export.tensorrt_build import require_tensorrt
+
+        trt, gpu = require_tensorrt()
+    except Exception as exc:  # report why, whatever it is; the CPU rows still stand
+        return f"not measured: {exc}"
+    return f"available (TensorRT {trt.__version__}, {gpu}); engine timing not implemented here"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Inference benchmark ({report['date']})",
+        "",
+        f"Machine: {report['machine']}. Threads: {report['threads']} (torch intra-op and "
+        "onnxruntime intra-op; onnxruntime inter-op 1, sequential, ORT_ENABLE_ALL). "
+        f"Input {report['size']}x{report['size']}. Shared machine: timings are noisy; compare "
+        "ratios within this run.",
+        "",
+        "| model | runtime | artifact | batch | p50 ms | p95 ms | images/s | vs torch | mIoU | "
+        "mask agr. vs FP32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    def cell(value: Any, missing: str = "") -> str:
+        return missing if value is None else str(value)
+
+    for section in ("demo", "vit_s"):
+        for r in report[section]["rows"]:
+            lines.append(
+                f"| {r['model']} | {r['runtime']} | {r['artifact']} | {r['batch']} | "
+                f"{r['p50_ms']} | {r['p95_ms']} | {r['images_per_s']} | "
+                f"{cell(r['speedup_vs_torch'])} | {cell(r['miou'], 'n/a')} | "
+                f"{cell(r['mask_agreement_vs_fp32'])} |"
+            )
+    demo = report["demo"]
+    lines += [
+        "",
+        f"mIoU on {demo['miou_images']} synthetic test images at native size"
+        + ("." if demo["trained"] else
+           " from an UNTRAINED demo model (ImageNet encoder, random heads): not meaningful; "
+           "pass --checkpoint for real numbers."),
+        f"INT8 mIoU drop vs FP32 (points): {demo['int8_miou_drop']}; the Q/DQ file evaluated "
+        f"exactly (Q/DQ arithmetic as TensorRT computes it, onnxruntime graph optimisations off): "
+        f"mIoU {demo['int8_qdq_exact_miou']}, drop {demo['int8_qdq_exact_miou_drop']}, mask "
+        f"agreement with FP32 {demo['int8_qdq_exact_agreement']}. Target: drop <= "
+        f"{MAX_INT8_MIOU_DROP}. The Q/DQ file's row above runs onnxruntime's x86 int8 kernels, "
+        "whose u8 x s8 products saturate on this AVX2 CPU without VNNI: its accuracy there is "
+        "the kernel's, not the model's.",
+        f"TensorRT: {report['tensorrt']}.",
+        "",
+        "Targets (ORT FP32 speed-up over torch eager): " + ", ".join(
+            f"{name} >= {target}x: batch 1 {report['speedups'][name]['1']}x, batch 8 "
+            f"{report['speedups'][name]['8']}x" for name, target in TARGETS.items()),
+        "",
+        "onnxruntime FP32 settings sweep, batch 1 (p50 ms):",
+        "",
+    ]
+    for section in ("demo", "vit_s"):
+        sweep = ", ".join(f"{s['level'].removeprefix('ORT_ENABLE_').lower()}/{s['threads']}t "
+                          f"{s['p50_ms']}" for s in report[section]["ort_sweep"])
+        lines.append(f"- {section}: {sweep}")
+    lines += ["", "Where the time goes (share of op time, batch 1):", ""]
+    for section in ("demo", "vit_s"):
+        ort_ops = ", ".join(f"{k} {v}%" for k, v in report[section]["ort_profile_fp32"].items())
+        torch_ops = ", ".join(f"{k} {v}%" for k, v in report[section]["torch_profile"].items())
+        lines += [f"- {section} onnxruntime: {ort_ops}", f"- {section} torch: {torch_ops}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="trained demo checkpoint (else untrained: no mIoU)")
+    parser.add_argument("--data", help="synthetic dataset root (else a small one is generated)")
+    parser.add_argument("--size", type=int, default=448, help="square input size for timing")
+    parser.add_argument("--repeats", type=int, default=9, help="timed calls at batch 1")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--miou-images", type=int, default=40)
+    parser.add_argument("--calib-images", type=int, default=32)
+    parser.add_argument("--calib-method", default="entropy")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="inference", help="result file stem")
+    parser.add_argument("--skip-vit", action="store_true", help="no ViT-S rows")
+    args = parser.parse_args()
+    # onnxruntime's quantizer logs every weight-scale adjustment on the root logger: keep it quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("benchmarks", "cosa"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+    work = Path(tempfile.mkdtemp(prefix="cosa-bench-"))
+    try:
+        report: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"load avg {os.getloadavg()[0]:.1f} at start",
+            "threads": args.threads,
+            "size": args.size,
+            "torch": torch.__version__,
+            "onnxruntime": __import__("onnxruntime").__version__,
+            "tensorrt": tensorrt_status(),
+        }
+        report["demo"] = run_demo(args, work)
+        report["vit_s"] = {"rows": [], "ort_sweep": [], "ort_profile_fp32": {},
+                           "torch_profile": {}} if args.skip_vit else run_vit_s(args, work)
+        report["speedups"] = {
+            name: {str(r["batch"]): r["speedup_vs_torch"] for r in report[name]["rows"]
+                   if r["artifact"] == "model.onnx (fp32)"}
+            for name in TARGETS
+        }
+        report["load_avg_end"] = round(os.getloadavg()[0], 1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_atomic(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(args.out / f"{args.name}.md", markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
