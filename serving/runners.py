@@ -166,19 +166,30 @@ def resolve_artifact(
             )
         return model, read_spec(model.parent)
     spec = read_spec(model)
-    choices: dict[str, str] = {spec.precision: spec.artifact}
-    for key, name in spec.extra_artifacts.items():
-        choices.setdefault(key, name)
+    # Candidates in priority order: the primary artifact, then the extras (role -> file name).
+    candidates = [(spec.precision, spec.artifact), *spec.extra_artifacts.items()]
+    runnable = [(k, n) for k, n in candidates if n.lower().endswith(suffix)]
     if precision is None:
-        name = spec.artifact
+        # The primary artifact when this backend runs it; else (e.g. a model.plan primary opened
+        # with onnxruntime) the ONNX of the same precision, then the FP32 one.
+        ranked = [(k, n) for k, n in runnable if n == spec.artifact]
+        ranked += [(k, n) for k, n in runnable if k == spec.precision] + [
+            (k, n) for k, n in runnable if k == "fp32"
+        ]
     else:
-        matches = [n for k, n in choices.items() if k == precision or k.startswith(f"{precision}_")]
-        if not matches:
-            raise ConfigError(
-                f"{model} has no {precision} artifact; available: "
-                + ", ".join(f"{k} ({n})" for k, n in sorted(choices.items()))
+        ranked = [(k, n) for k, n in runnable if k == precision or k.startswith(f"{precision}_")]
+    if not ranked:
+        available = ", ".join(f"{k} ({n})" for k, n in dict(candidates).items())
+        wanted = f"{precision} " if precision else ""
+        raise ConfigError(
+            f"{model} has no {wanted}artifact; available: {available}"
+            + (
+                f" (this backend runs {suffix} files; a .plan runs with --backend tensorrt)"
+                if suffix != ".plan"
+                else ""
             )
-        name = matches[0]
+        )
+    name = ranked[0][1]
     path = model / name
     if path.suffix.lower() != suffix:
         kind = "a TensorRT engine (--backend tensorrt)" if name.endswith(".plan") else f"'{name}'"

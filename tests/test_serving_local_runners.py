@@ -98,6 +98,25 @@ def test_images_to_batch() -> None:
         images_to_batch([a, np.zeros((3, 3, 3), np.uint8)])
 
 
+def test_engine_primary_falls_back_to_the_onnx_of_its_precision(
+    tiny: TinyArtifacts, tmp_path: Path
+) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name in ("model.onnx", "model.int8.onnx"):
+        (folder / name).write_bytes((tiny.folder / "model.onnx").read_bytes())
+    (folder / "model.plan").write_bytes(b"engine")
+    spec = dataclasses.replace(
+        TINY_SPEC,
+        precision="int8",
+        artifact="model.plan",
+        extra_artifacts={"fp32": "model.onnx", "int8": "model.int8.onnx", "tensorrt": "model.plan"},
+    )
+    write_spec(spec, folder)
+    assert OnnxRuntimeRunner(folder).path == folder / "model.int8.onnx"
+    assert OnnxRuntimeRunner(folder, precision="fp32").path == folder / "model.onnx"
+
+
 def test_precision_selection(tiny: TinyArtifacts, tmp_path: Path) -> None:
     folder = tmp_path / "export"
     folder.mkdir()
