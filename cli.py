@@ -365,7 +365,15 @@ def export(
     for role, path in result.files.items():
         out_console.print(f"{role:>10}: {path}")
     for name, check in (result.spec.verification or {}).items():
-        out_console.print(f"verified {name}: {check}", highlight=False, soft_wrap=True)
+        shapes = ", ".join("x".join(map(str, r["shape"])) for r in check.get("shapes", []))
+        verdict = "ok" if check.get("passed") else "OUT OF TOLERANCE"
+        out_console.print(
+            f"verified {name} against {check.get('reference')} at {shapes}: max |diff| "
+            f"{check.get('max_abs_diff', float('nan')):.2e}, mask agreement "
+            f"{check.get('min_mask_agreement', float('nan')):.4f} ({verdict})",
+            highlight=False,
+            soft_wrap=True,
+        )
     out_console.print(f"primary artifact {result.primary} ({result.seconds:.0f} s)")
 
 
