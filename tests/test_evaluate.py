@@ -1,4 +1,4 @@
-"""Evaluation: plain vs label-masked mIoU on predictors with known outputs, and checkpoint errors."""
+"""Evaluation: plain vs label-masked mIoU on known predictors, and checkpoint errors."""
 
 from pathlib import Path
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -11,15 +9,7 @@ from cosa.config import ModelConfig
 from cosa.errors import ConfigError
 from cosa.model import CosaNet, build_model, ema_update, make_teacher
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # weights come from local files only
 
 
 def student(backbone: str = "efficientnet_lite0", num_classes: int = 3) -> CosaNet:

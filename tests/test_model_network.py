@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import timm
 import torch
@@ -14,18 +12,9 @@ from cosa.config import ModelConfig
 from cosa.errors import ConfigError
 from cosa.model import BACKBONE_CHOICES, CosaNet, build_encoder, build_model
 
+pytestmark = pytest.mark.usefixtures("no_network")  # weights come from local files only
+
 BACKBONES_UNDER_TEST = ("vit_tiny_patch16", "efficientnet_lite0")
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Building models must never touch the network (weights come from local files only)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture(scope="module")
