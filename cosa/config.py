@@ -238,7 +238,7 @@ def _demo() -> CosaConfig:
             base.train,
             max_iters=400,
             batch_size=8,
-            eval_every=100,
+            eval_every=200,
             log_every=10,
             checkpoint_every=50,
             eval_max_images=0,
