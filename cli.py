@@ -131,25 +131,25 @@ def train(
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train CoSA (online + EMA assignment network) from image-level labels."""
-    from cosa.config import resolve
+    from cosa.config import apply_overrides, resolve
     from cosa.errors import ConfigError
     from cosa.train.launch import launch
 
-    overrides = list(set_ or [])
+    paths: dict[str, str] = {}  # set directly: a path is not parsed as YAML like --set values
     if data is not None:
-        overrides.append(f"data.root={data}")
+        paths["data.root"] = str(data)
     if pretrained is not None:
         if not pretrained.is_file():
             raise ConfigError(
                 f"--pretrained {pretrained} does not exist; pass a local weights file"
             )
-        overrides.append(f"model.pretrained={pretrained}")
-    if resume and (overrides or config is not None):
+        paths["model.pretrained"] = str(pretrained)
+    if resume and (set_ or paths or config is not None):
         raise ConfigError(
             "--resume continues a run with its own config.yaml; drop --set/--config/--data "
             "(only --max-iters may change)"
         )
-    cfg = resolve(preset.value, config, overrides)
+    cfg = apply_overrides(resolve(preset.value, config, set_ or []), paths)
     result = launch(
         cfg,
         out,
