@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -159,6 +160,8 @@ def train(
         nproc=nproc,
         progress=not json_,
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     summary = result if isinstance(result, dict) else result.to_json()
     if json_:
         print_json(summary)
