@@ -34,7 +34,10 @@ from cosa.data import write_synthetic_dataset
 from cosa.train.trainer import train
 
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "a": ("CAM baseline (cls only, thresholded CAM)", {"__cam_baseline__": True}),
+    "a": (
+        "CAM baseline (cls only, thresholded CAM)",
+        {"__cam_baseline__": True, "train.select_metric": "cam_miou"},
+    ),
     "b": (
         "CoSA, reference configuration",
         {"reliability.enabled": False, "thresholds.enabled": False, "separation.enabled": False},

@@ -138,6 +138,7 @@ class TrainConfig:
 
     max_iters: int = 32000
     batch_size: int = 4  # global batch; divided across DDP ranks
+    select_metric: str = "miou"  # val metric choosing best.pt: miou (seg) | cam_miou (CAM baseline)
     supervision: str = "weak"  # weak (CoSA) | full (pixel labels: the fully supervised upper bound)
     seed: int = 0
     eval_every: int = 2000

@@ -161,6 +161,10 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_iters)
         self.amp_dtype = _autocast_dtype(cfg.train.amp, ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        if cfg.train.select_metric not in ("miou", "cam_miou"):
+            raise ConfigError(
+                f"train.select_metric must be miou or cam_miou, got {cfg.train.select_metric!r}"
+            )
         if cfg.train.supervision not in ("weak", "full"):
             raise ConfigError(
                 f"train.supervision must be weak or full, got {cfg.train.supervision!r}"
@@ -456,8 +460,9 @@ class Trainer:
                 result.cam_miou or float("nan"),
             )
             self._save_grid()
-            if self.best_miou is None or result.miou > self.best_miou:
-                self.best_miou, self.best_iteration = result.miou, self.iteration
+            score = getattr(result, self.cfg.train.select_metric)
+            if self.best_miou is None or score > self.best_miou:
+                self.best_miou, self.best_iteration = score, self.iteration
                 self._save(self.ckpt_dir / "best.pt")
         barrier(self.ctx)
 
