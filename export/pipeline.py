@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -77,6 +76,7 @@ from cosa.export.verify import (
     random_images,
     torch_runner,
 )
+from cosa.files import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -487,18 +487,9 @@ def _make_readable(stage: Path) -> None:
 
 def _install(stage: Path, out: Path, previous: bool) -> None:
     """Move `stage` to `out`. A previous export is moved aside first and deleted after."""
-    if not previous:
-        os.replace(stage, out)  # also replaces an empty folder
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.absolute().parent))
-    os.replace(out, old)
-    try:
-        os.replace(stage, out)
-    except BaseException:
-        os.replace(old, out)  # put the previous export back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    logger.info("replaced the previous export in %s", out)
+    replace_folder(stage, out)
+    if previous:
+        logger.info("replaced the previous export in %s", out)
 
 
 def _sha256(path: Path) -> str:

@@ -78,6 +78,7 @@ from cosa.data.index import LABELS_FILENAME, SPLIT_DIR, labels_from_mask
 from cosa.data.synth_scene import ClassSpec, ObjectPlan, ScenePlan, render_scene
 from cosa.data.synth_textures import CONTEXTS
 from cosa.errors import DataError
+from cosa.files import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ def write_synthetic_dataset(
         stats, manifest = _write_all(tmp, {"train": n_train, "val": n_val, "test": n_test}, seed,
                                      progress)
         (tmp / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        _move_into_place(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -415,18 +416,3 @@ def _write_all(
 def _sibling(out: Path, tag: str) -> Path:
     """A fresh hidden name next to `out` (same file system, so renames are atomic)."""
     return out.parent / f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`, replacing an empty folder or an older synthetic set."""
-    if out.is_dir() and any(out.iterdir()):
-        old = _sibling(out, "old")
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)  # put the previous dataset back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)  # rename(2) also replaces an existing empty folder
