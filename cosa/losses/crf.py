@@ -55,7 +55,7 @@ def crf_energy_loss(
     roi: Tensor,
     ignore: Tensor,
     sigma_rgb: float = 15.0,
-    sigma_xy: float = 50.0,
+    sigma_xy: float = 100.0,
     window: int = 9,
     dilation: int = 2,
 ) -> Tensor:
@@ -73,7 +73,8 @@ def crf_energy_loss(
         roi: (B, H, W) float in {0, 1}, 1 inside `img_box`.
         ignore: (B, H, W) bool, True where the CAM pseudo-label is 255.
         sigma_rgb: colour bandwidth in 0-255 units (15).
-        sigma_xy: spatial bandwidth in full-resolution pixels (50, i.e. 25 at half resolution).
+        sigma_xy: spatial bandwidth in full-resolution pixels (100, i.e. the reference's 50 at
+            the half resolution the energy runs at).
         window: odd window side k (9).
         dilation: spacing of the window taps, in half-resolution pixels (2).
 
