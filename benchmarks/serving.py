@@ -1,26 +1,43 @@
-"""Serving benchmark: the embedded Triton server against local onnxruntime, same ONNX, same images.
+"""Serving benchmark: the embedded Triton server against local onnxruntime, same ONNX, same images,
+and `cosa segment` end to end against the model alone on the same runner.
 
     .venv/bin/python benchmarks/serving.py [--artifact DIR] [--images 48] [--height 192]
-        [--width 256] [--concurrency 8] [--max-batch 8] [--rounds 3] [--skip-cli]
-        [--out benchmarks/results]
+        [--width 256] [--concurrency 8] [--max-batch 8] [--segment-batch 4] [--rounds 3]
+        [--segment-rounds 15] [--skip-cli] [--out benchmarks/results]
 
 Without --artifact it exports the CPU demo network (EfficientNet-Lite0 + LargeFOV, 21 classes,
 random weights: speed does not depend on them) with torch.onnx (dynamo). Needs `cosa triton setup`.
 
 Rows (images/s of the median of --rounds interleaved rounds, after one warm-up round; latency
 per request or frame over all rounds):
-    local_ort_b1 / local_ort_b8   model only: onnxruntime in this process, batch 1 / batch 8
+    local_ort_b1 / local_ort_b8   model only: a plain onnxruntime session in this process
+                                  (onnxruntime's default options), batch 1 / batch --max-batch
     triton_seq_grpc / _http       sequential batch-1 requests (one at a time)
     triton_concurrent             batch-1 requests, --concurrency in flight, dynamic batching on
                                   the server (max batch --max-batch)
     triton_stream                 gRPC bidirectional stream of frames, 4 in flight
     triton_ensemble               JPEG bytes in, palette PNG bytes out (pre/post on the server)
-    segment_cli_*                 `cosa segment` end to end and its peak RSS for 50 and 500 images
+    runner_ort_bB                 model only: the runner `cosa segment` opens (`open_runner`,
+                                  backend onnxruntime) on already decoded float32 batches of B
+                                  (--segment-batch) images decoded from the JPEG folder below
+    segment_ort_bB                end to end in this process: `segment_inputs` on a folder of
+                                  --images JPEGs of --height x --width, same runner, batch B,
+                                  palette PNG masks written (decode, batching, encode included)
+    segment_cli_*                 `cosa segment` as a subprocess (interpreter start included) on
+                                  50 and 500 JPEGs of the same size: throughput and peak RSS
 
 Serving overhead = 1 - triton_concurrent / best local throughput (target <= 10%). On a CPU machine
 the server's onnxruntime, the client and the stubs share the same cores, so batching cannot add
-compute; what this shows is the cost of the serving path. Results go to OUT/serving.json and
-OUT/serving.md (written atomically).
+compute; what this shows is the cost of the serving path.
+
+End to end / model only = median over --segment-rounds paired rounds of segment_ort_bB /
+runner_ort_bB images/s, the two run back to back in each round (target >= 0.9). The summary adds
+process CPU ms per image of both and a per-image breakdown (CPU and wall ms) of the pipeline's
+stages run alone (decode, to_batch, model, png_write): on a machine whose cores the model already
+fills, decode and encode cannot hide behind inference, so their share of the CPU work bounds the
+ratio. The CLI rows check that
+peak RSS stays flat from 50 to 500 images. Results go to OUT/serving.json and OUT/serving.md
+(written atomically).
 """
 
 from __future__ import annotations
@@ -44,11 +61,16 @@ import numpy as np
 from PIL import Image
 
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec, ShapeProfile, write_spec
+from cosa.serving.images import load_image
+from cosa.serving.masks import palette_lut, write_mask
+from cosa.serving.runners import Runner, images_to_batch, open_runner
+from cosa.serving.segment import segment_inputs
 from cosa.serving.triton_client import TritonSegmentationClient
 from cosa.serving.triton_repo import write_repository
 from cosa.serving.triton_server import TritonServer
 
 NUM_CLASSES = 21  # VOC: background + 20
+SEGMENT_TARGET = 0.9  # end to end / model only, issue 5 item 7
 
 
 def export_demo_artifact(folder: Path, height: int, width: int, max_batch: int) -> Path:
@@ -95,16 +117,26 @@ class Case:
 
 def run_rounds(cases: list[Case], rounds: int) -> dict[str, dict[str, Any]]:
     """Warms every case up once, then runs all cases `rounds` times, interleaved, so that the
-    load of a shared machine shifts all of them alike; reports the median round."""
+    load of a shared machine shifts all of them alike (odd rounds in reverse order); reports
+    the median round.
+
+    Returns:
+        Rows by case name: images/s of the median round, every round's images/s (in round
+        order, for paired ratios), p50/p95 latency when the case returns latencies, and the
+        median process CPU time per image.
+    """
     for case in cases:
         case.run()
     seconds: dict[str, list[float]] = {case.name: [] for case in cases}
+    cpu: dict[str, list[float]] = {case.name: [] for case in cases}
     latencies: dict[str, list[float]] = {case.name: [] for case in cases}
-    for _ in range(rounds):
-        for case in cases:
-            start = time.perf_counter()
+    for index in range(rounds):
+        # Odd rounds run in reverse order: no case always follows the same one.
+        for case in cases if index % 2 == 0 else cases[::-1]:
+            start, cpu_start = time.perf_counter(), time.process_time()
             latencies[case.name] += case.run() or []
             seconds[case.name].append(time.perf_counter() - start)
+            cpu[case.name].append(time.process_time() - cpu_start)
     rows = {}
     for case in cases:
         median = float(np.median(seconds[case.name]))
@@ -114,6 +146,8 @@ def run_rounds(cases: list[Case], rounds: int) -> dict[str, dict[str, Any]]:
             "seconds": median,
             "images_per_s": case.images / median,
             "rounds_images_per_s": [case.images / t for t in seconds[case.name]],
+            # CPU of this process only (all threads): for the Triton rows, the client's share.
+            "process_cpu_ms_per_image": float(np.median(cpu[case.name])) * 1000.0 / case.images,
         }
         if latencies[case.name]:
             ms = np.asarray(latencies[case.name]) * 1000.0
@@ -206,36 +240,181 @@ def jpeg_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def segment_cli_rows(
-    artifact: Path, work: Path, server: TritonServer, counts: tuple[int, ...] = (50, 500)
+def write_jpegs(folder: Path, count: int, height: int, width: int, seed: int) -> Path:
+    """Writes `count` uniform-noise RGB JPEGs (quality 90) of height x width as
+    folder/img_NNNN.jpg. Noise is the costly case for JPEG decoding (no flat blocks)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:04d}.jpg", quality=90)
+    return folder
+
+
+def decoded_batches(folder: Path, batch: int) -> list[np.ndarray]:
+    """The folder's JPEGs decoded as `cosa segment` decodes them, in float32 (N, 3, H, W)
+    batches of `batch` images (the last one may be smaller)."""
+    images = [load_image(path) for path in sorted(folder.glob("*.jpg"))]
+    return [images_to_batch(images[i : i + batch]) for i in range(0, len(images), batch)]
+
+
+def segment_cases(runner: Runner, folder: Path, out: Path, batch: int) -> list[Case]:
+    """Model only and end to end on one runner, same images, same batch size; listed back to
+    back so that each round measures them next to each other."""
+    batches = decoded_batches(folder, batch)
+    count = sum(len(b) for b in batches)
+
+    def model_only() -> list[float]:
+        latencies = []
+        for images in batches:
+            start = time.perf_counter()
+            runner.infer(images)
+            latencies.append(time.perf_counter() - start)
+        return latencies
+
+    def end_to_end() -> None:
+        summary = segment_inputs([str(folder)], out, runner, batch_size=batch)
+        if summary.processed != count or summary.failed:
+            raise RuntimeError(f"segment_inputs processed {summary.processed} of {count} images")
+
+    return [
+        Case(
+            f"runner_ort_b{batch}",
+            count,
+            model_only,
+            f"model only: the `cosa segment` runner on decoded arrays, batch {batch}",
+        ),
+        Case(
+            f"segment_ort_b{batch}",
+            count,
+            end_to_end,
+            f"segment_inputs in process: JPEG folder to PNG masks, same runner, batch {batch}",
+        ),
+    ]
+
+
+def pipeline_breakdown(
+    runner: Runner, folder: Path, out: Path, batch: int, repeats: int = 3
+) -> dict[str, dict[str, float]]:
+    """Per-image cost of each pipeline stage run alone on this thread, median of `repeats`
+    passes over the folder: decode (`load_image`), to_batch (`images_to_batch`), model
+    (`runner.infer` at `batch`), png_write (`write_mask`: PNG encode and atomic file write).
+
+    Returns:
+        {stage: {"wall_ms": ..., "cpu_ms": ...}} per image; cpu_ms is process CPU time, so the
+        model's counts every onnxruntime thread.
+    """
+    paths = sorted(folder.glob("*.jpg"))
+    lut = palette_lut(runner.spec.palette)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = ("decode", "to_batch", "model", "png_write")
+    wall: dict[str, list[float]] = {stage: [] for stage in stages}
+    cpu: dict[str, list[float]] = {stage: [] for stage in stages}
+
+    def clock(stage: str, since: tuple[float, float]) -> tuple[float, float]:
+        now = (time.perf_counter(), time.process_time())
+        wall[stage].append(now[0] - since[0])
+        cpu[stage].append(now[1] - since[1])
+        return now
+
+    for _ in range(repeats):
+        since = (time.perf_counter(), time.process_time())
+        images = [load_image(path) for path in paths]  # (H, W, 3) uint8 each
+        since = clock("decode", since)
+        batches = [images_to_batch(images[i : i + batch]) for i in range(0, len(paths), batch)]
+        since = clock("to_batch", since)
+        masks = [mask for b in batches for mask in runner.infer(b)[MASK_NAME]]  # (H, W) each
+        since = clock("model", since)
+        for path, mask in zip(paths, masks, strict=True):
+            write_mask(mask, out / f"{path.stem}.png", "png", lut)
+        clock("png_write", since)
+    scale = 1000.0 / len(paths)
+    return {
+        stage: {
+            "wall_ms": float(np.median(wall[stage])) * scale,
+            "cpu_ms": float(np.median(cpu[stage])) * scale,
+        }
+        for stage in stages
+    }
+
+
+def segment_summary(
+    rows: dict[str, Any], batch: int, breakdown: dict[str, dict[str, float]]
 ) -> dict[str, Any]:
-    """`cosa segment` end to end and its peak RSS; a TODO row while the command is missing."""
-    cli = [sys.executable, "-c", "from cosa.app.cli import main; main()"]
-    probe = subprocess.run([*cli, "segment", "--help"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        # TODO(serving benchmark): runs once `cosa segment` is wired in cli.py (issue 5, item 4).
-        return {"segment_cli": {"name": "segment_cli", "status": "not run: `cosa segment` is "
-                                "not in cli.py yet"}}  # fmt: skip
+    """End to end / model only from the paired rounds of `segment_cases`, against the target."""
+    model = rows[f"runner_ort_b{batch}"]
+    e2e = rows[f"segment_ort_b{batch}"]
+    paired = [
+        e / m for e, m in zip(e2e["rounds_images_per_s"], model["rounds_images_per_s"], strict=True)
+    ]
+    ratio = float(np.median(paired))
+    model_cpu = breakdown["model"]["cpu_ms"]
+    others_cpu = sum(cost["cpu_ms"] for stage, cost in breakdown.items() if stage != "model")
+    return {
+        "batch": batch,
+        "model_only_ips": model["images_per_s"],
+        "end_to_end_ips": e2e["images_per_s"],
+        "ratio": ratio,
+        "ratio_quartiles": [float(q) for q in np.percentile(paired, [25, 75])],
+        "rounds_ratio": paired,
+        "target": SEGMENT_TARGET,
+        "met": ratio >= SEGMENT_TARGET,
+        "cpu_ratio": model["process_cpu_ms_per_image"] / e2e["process_cpu_ms_per_image"],
+        "breakdown_ms_per_image": breakdown,
+        # With every core busy (the model's threads, other jobs) nothing hides decode and
+        # encode: end to end costs model + the rest in CPU time.
+        "serial_bound": model_cpu / (model_cpu + others_cpu),
+    }
+
+
+# `cosa segment` in a child that writes its own peak RSS (VmHWM, kB) to $COSA_BENCH_PEAK_RSS at
+# exit. Not wait4's ru_maxrss: Linux carries the high-water mark of the forked copy of this
+# process (over 1 GB after the torch export) across execve, so every child would report ours.
+CLI_WITH_PEAK_RSS = """
+import atexit, os
+
+def _report_peak_rss():
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["COSA_BENCH_PEAK_RSS"], "w") as out:
+        out.write(kb)
+
+atexit.register(_report_peak_rss)
+from cosa.app.cli import main
+main()
+"""
+
+
+def segment_cli_rows(
+    artifact: Path,
+    work: Path,
+    server: TritonServer,
+    height: int,
+    width: int,
+    batch: int,
+    counts: tuple[int, ...] = (50, 500),
+) -> dict[str, Any]:
+    """`cosa segment` as a subprocess on `counts` JPEGs of height x width: images/s including
+    interpreter start, and the child's peak RSS (VmHWM; Linux only)."""
+    cli = [sys.executable, "-c", CLI_WITH_PEAK_RSS]
     rows = {}
-    rng = np.random.default_rng(1)
     for count in counts:
-        folder = work / f"images_{count}"
-        folder.mkdir(exist_ok=True)
-        for i in range(count):
-            pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"img_{i:04d}.jpg", quality=90)
+        folder = write_jpegs(work / f"images_{count}", count, height, width, seed=1)
         for backend, extra in (
             ("onnxruntime", []),
             ("triton", ["--url", server.grpc_url, "--protocol", "grpc"]),
         ):
             out = work / f"masks_{backend}_{count}"
+            rss_file = work / f"peak_rss_{backend}_{count}"
             command = [*cli, "segment", str(folder), "--out", str(out), "--model", str(artifact)]
-            command += ["--backend", backend, *extra, "--json"]
+            command += ["--backend", backend, *extra, "--batch-size", str(batch), "--json"]
             start = time.perf_counter()
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            assert process.stdout is not None
-            output = process.stdout.read()
-            _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS
+            completed = subprocess.run(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "COSA_BENCH_PEAK_RSS": str(rss_file)},
+            )
             seconds = time.perf_counter() - start
             name = f"segment_cli_{backend}_{count}"
             rows[name] = {
@@ -243,13 +422,29 @@ def segment_cli_rows(
                 "images": count,
                 "seconds": seconds,
                 "images_per_s": count / seconds,
-                "peak_rss_mb": usage.ru_maxrss / 1024.0,
-                "exit_code": os.waitstatus_to_exitcode(status),
-                "note": "end to end incl. interpreter start",
-                "summary": json.loads(output or b"{}"),
+                "exit_code": completed.returncode,
+                "note": f"`cosa segment` subprocess incl. interpreter start, batch {batch}",
+                "summary": json.loads(completed.stdout or b"{}"),
             }
+            if rss_file.is_file():
+                rows[name]["peak_rss_mb"] = int(rss_file.read_text()) / 1024.0
             print(f"{name:>22}: {count / seconds:7.1f} img/s", file=sys.stderr)
     return rows
+
+
+def memory_summary(rows: dict[str, Any], counts: tuple[int, int] = (50, 500)) -> dict[str, Any]:
+    """Peak RSS of the CLI rows per backend, and its growth from counts[0] to counts[1] images."""
+    summary: dict[str, Any] = {}
+    for backend in ("onnxruntime", "triton"):
+        small = rows.get(f"segment_cli_{backend}_{counts[0]}")
+        large = rows.get(f"segment_cli_{backend}_{counts[1]}")
+        if small and large and "peak_rss_mb" in small and "peak_rss_mb" in large:
+            summary[backend] = {
+                f"rss_mb_{counts[0]}": small["peak_rss_mb"],
+                f"rss_mb_{counts[1]}": large["peak_rss_mb"],
+                "growth": large["peak_rss_mb"] / small["peak_rss_mb"] - 1.0,
+            }
+    return summary
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -259,7 +454,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']['cpus']} CPUs, load average at start "
         f"{report['machine']['load_start']:.1f}, end {report['machine']['load_end']:.1f}; "
         f"model: {report['model']['name']}, images {report['model']['size']}; median of "
-        f"{report['rounds']} interleaved rounds.",
+        f"{report['rounds']} interleaved rounds ({report['segment_rounds']} paired rounds for "
+        "runner_ort / segment_ort).",
         "",
         "| run | images/s | p50 ms | p95 ms | peak RSS MB | note |",
         "|---|---:|---:|---:|---:|---|",
@@ -283,7 +479,39 @@ def markdown(report: dict[str, Any]) -> str:
         f"{summary['local_best_ips']:.1f} img/s.",
         "",
     ]
+    lines += segment_markdown(summary["segment_end_to_end"])
+    for backend, memory in summary["segment_cli_memory"].items():
+        small, large = (value for key, value in memory.items() if key.startswith("rss_mb_"))
+        lines.append(
+            f"`cosa segment` peak RSS, {backend}: {small:.0f} MB for 50 images, {large:.0f} MB "
+            f"for 500 ({memory['growth'] * 100:+.1f}%)."
+        )
+    lines.append("")
     return "\n".join(lines)
+
+
+def segment_markdown(seg: dict[str, Any]) -> list[str]:
+    """The end-to-end paragraph of the markdown report."""
+    stages = seg["breakdown_ms_per_image"]
+    return [
+        f"`cosa segment` end to end against model only (onnxruntime, batch {seg['batch']}, same "
+        f"runner and images): {seg['ratio']:.2f} (target >= {seg['target']}, "
+        f"{'met' if seg['met'] else 'NOT met'}); median of the paired per-round ratios "
+        f"{', '.join(f'{r:.2f}' for r in seg['rounds_ratio'])} (quartiles "
+        f"{seg['ratio_quartiles'][0]:.2f}-{seg['ratio_quartiles'][1]:.2f}); "
+        f"segment_ort_b{seg['batch']} {seg['end_to_end_ips']:.1f} img/s against "
+        f"runner_ort_b{seg['batch']} {seg['model_only_ips']:.1f} img/s. Process CPU per image, "
+        f"model only / end to end: {seg['cpu_ratio']:.2f}.",
+        "",
+        "Per-image cost of each stage run alone, CPU ms (wall ms): "
+        + ", ".join(
+            f"{stage} {cost['cpu_ms']:.2f} ({cost['wall_ms']:.2f})"
+            for stage, cost in stages.items()
+        )
+        + ". With no spare core to hide decode and encode, the ratio would be model CPU / total "
+        f"CPU = {seg['serial_bound']:.2f}.",
+        "",
+    ]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -302,7 +530,13 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument(
+        "--segment-batch", type=int, default=4, help="batch of the segment rows (CLI default 4)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
+    parser.add_argument(
+        "--segment-rounds", type=int, default=15, help="paired rounds of the two segment rows"
+    )
     parser.add_argument("--skip-cli", action="store_true", help="skip the `cosa segment` rows")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -318,6 +552,7 @@ def main() -> None:
             .uniform(0, 255, (args.images, 3, args.height, args.width))
             .astype(np.float32)
         )
+        jpegs = write_jpegs(work / "jpegs", args.images, args.height, args.width, seed=2)
         repo = write_repository(
             artifact,
             work / "repo",
@@ -327,19 +562,31 @@ def main() -> None:
             max_queue_delay_us=2000,
         )
         local = local_cases(artifact / "model.onnx", images, args.max_batch)
+        runner = open_runner(
+            artifact, "onnxruntime"
+        )  # what `cosa segment --backend onnxruntime` opens
         with TritonServer(repo.root) as server:
             clients = {
                 "grpc": TritonSegmentationClient(server.grpc_url, "grpc"),
                 "http": TritonSegmentationClient(server.http_url, "http"),
             }
             try:
-                cases = local + triton_cases(clients, images, args.concurrency)
-                rows = run_rounds(cases, args.rounds)
+                segment = segment_cases(runner, jpegs, work / "masks", args.segment_batch)
+                rows = run_rounds(
+                    local + triton_cases(clients, images, args.concurrency), args.rounds
+                )
+                rows.update(run_rounds(segment, args.segment_rounds))
+                breakdown = pipeline_breakdown(runner, jpegs, work / "stages", args.segment_batch)
             finally:
                 for client in clients.values():
                     client.close()
+                runner.close()
             if not args.skip_cli:
-                rows.update(segment_cli_rows(artifact, work, server))
+                rows.update(
+                    segment_cli_rows(
+                        artifact, work, server, args.height, args.width, args.segment_batch
+                    )
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -363,12 +610,15 @@ def main() -> None:
             "size": f"{args.images} x {args.height}x{args.width}",
         },
         "rounds": args.rounds,
+        "segment_rounds": args.segment_rounds,
         "rows": rows,
         "summary": {
             "concurrency": args.concurrency,
             "local_best_ips": local_best,
             "triton_concurrent_ips": triton,
             "serving_overhead": 1.0 - triton / local_best,
+            "segment_end_to_end": segment_summary(rows, args.segment_batch, breakdown),
+            "segment_cli_memory": memory_summary(rows),
         },
     }
     write_atomic(args.out / "serving.json", json.dumps(report, indent=2) + "\n")
