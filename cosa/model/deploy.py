@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cosa.model.network import CosaNet
 
-# ImageNet statistics (METHOD.md section 2), in 0-255 units so the raw input needs no rescaling.
-IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# The training statistics (METHOD.md section 2) in 0-255 units, so the raw input needs no rescaling.
+IMAGENET_MEAN_255 = tuple(255.0 * m for m in IMAGENET_MEAN)
+IMAGENET_STD_255 = tuple(255.0 * s for s in IMAGENET_STD)
 SIZE_MULTIPLE = 16
 
 
