@@ -6,6 +6,9 @@ precision and file suffix):
 
     role          file                   written when
     fp32          model.onnx             always (the verified reference graph)
+    fp32_ort      model.ort.onnx         ort_fusion "on", or "auto" with a ViT backbone: model.onnx
+                                         with onnxruntime's fused transformer ops (onnxruntime only;
+                                         `cosa.export.fusion`), verified against PyTorch too
     fp16          model.fp16.onnx        --precision fp16
     int8          model.int8.onnx        --precision int8 (symmetric Q/DQ: the TensorRT input)
     int8_cpu      model.int8_cpu.onnx    --precision int8 (u8s8 QOperator: fast in onnxruntime/x86)
@@ -33,7 +36,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ from cosa.export.calibration import (
     save_calibration_set,
 )
 from cosa.export.fp16 import convert_to_fp16
+from cosa.export.fusion import NothingToFuseError, fuse_vit, vit_attention_shape
 from cosa.export.int8 import CALIBRATION_METHODS, QUANTIZED_OP_TYPES, quantize_int8
 from cosa.export.onnx_export import DEFAULT_OPSET, export_onnx, validate_opset
 from cosa.export.spec import SPEC_FILENAME, ModelSpec, ShapeProfile, write_spec
@@ -82,6 +86,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 FP32_ONNX = "model.onnx"
+FUSED_ONNX = "model.ort.onnx"
 FP16_ONNX = "model.fp16.onnx"
 INT8_ONNX = "model.int8.onnx"
 INT8_CPU_ONNX = "model.int8_cpu.onnx"
@@ -89,6 +94,7 @@ PLAN = "model.plan"
 ONNX_BY_PRECISION = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
 ROLES = {
     FP32_ONNX: "fp32",
+    FUSED_ONNX: "fp32_ort",
     FP16_ONNX: "fp16",
     INT8_ONNX: "int8",
     INT8_CPU_ONNX: "int8_cpu",
@@ -99,6 +105,7 @@ EXPORT_FILES = frozenset([*ROLES, SPEC_FILENAME])
 """Every file name an export folder may hold (what makes a folder safe to replace)."""
 
 _RANDOM_IMAGES = "uniform random RGB in [0, 255], seed 0"
+ORT_FUSION_MODES = ("off", "auto", "on")
 
 
 def parse_shape(text: str, option: str = "shape") -> tuple[int, int, int]:
@@ -142,6 +149,13 @@ class ExportOptions:
         workspace_mib: TensorRT builder workspace limit.
         timing_cache: TensorRT timing cache file (None: per version/GPU under ~/.cache/cosa).
         verify_shapes: (N, H, W) shapes of the PyTorch-vs-onnxruntime check.
+        ort_fusion: "off" | "auto" | "on": also write model.ort.onnx, the FP32 graph with
+            onnxruntime's fused transformer ops (MultiHeadAttention, SkipLayerNormalization,
+            BiasGelu), verified against PyTorch at `verify_shapes`. "auto": for ViT backbones
+            only, skipped with a warning when no attention sub-graph matches; "on": both are
+            errors. A fused graph that disagrees with PyTorch is always an error. onnxruntime
+            runners prefer it over model.onnx (serving.runners); TensorRT, FP16 and INT8 use
+            model.onnx. Default "off" for now (see benchmarks/results/inference.md).
     """
 
     precision: str = "fp32"
@@ -158,6 +172,7 @@ class ExportOptions:
     workspace_mib: int = DEFAULT_WORKSPACE_MIB
     timing_cache: Path | None = None
     verify_shapes: tuple[tuple[int, int, int], ...] = DEFAULT_SHAPES
+    ort_fusion: str = "off"
 
     def __post_init__(self) -> None:
         """Raises: ExportError for any invalid or inconsistent option."""
@@ -187,6 +202,10 @@ class ExportOptions:
         if self.workspace_mib < 1:
             raise ExportError(
                 f"workspace {self.workspace_mib} MiB is invalid; pass a positive size in MiB"
+            )
+        if self.ort_fusion not in ORT_FUSION_MODES:
+            raise ExportError(
+                f"ort_fusion {self.ort_fusion!r} is not one of {', '.join(ORT_FUSION_MODES)}"
             )
         if not self.verify_shapes or any(len(s) != 3 or min(s) < 1 for s in self.verify_shapes):
             raise ExportError(f"verify_shapes {self.verify_shapes} must be (N, H, W) triples >= 1")
@@ -311,13 +330,39 @@ def _build(
     written = [FP32_ONNX]
     reports: list[VerificationReport] = []
     warnings: list[str] = []
+    attention = vit_attention_shape(model) if options.ort_fusion != "off" else None
+    if options.ort_fusion == "on" and attention is None:  # checked before the slow export
+        raise ExportError(
+            f"ort_fusion 'on' needs a ViT backbone; {ckpt.config.model.backbone} has no attention "
+            "blocks to fuse (use 'auto' or 'off')"
+        )
 
     fp32 = export_onnx(model, stage / FP32_ONNX, opset=options.opset)
     images = random_images(options.verify_shapes)
-    reports.append(compare(
-        onnxruntime_runner(fp32), torch_runner(model), images, artifact=FP32_ONNX,
-        reference_name="torch eager fp32", images_name=_RANDOM_IMAGES, tolerance=FP32_TOLERANCE,
-    ))
+    reports.append(
+        compare(
+            onnxruntime_runner(fp32),
+            torch_runner(model),
+            images,
+            artifact=FP32_ONNX,
+            reference_name="torch eager fp32",
+            images_name=_RANDOM_IMAGES,
+            tolerance=FP32_TOLERANCE,
+        )
+    )
+
+    fusion_summary = None
+    if attention is not None:
+        try:
+            fusion_summary, report = _fused_artifact(stage, fp32, model, images, attention)
+        except NothingToFuseError as exc:
+            if options.ort_fusion == "on":
+                raise
+            # "auto": an attention variant the fusion does not know; model.onnx still serves.
+            warnings.append(f"ort_fusion auto: no {FUSED_ONNX} written ({exc})")
+        else:
+            written.append(FUSED_ONNX)
+            reports.append(report)
 
     calibration_summary = None
     if options.precision == "fp16":
@@ -353,6 +398,7 @@ def _build(
         opset=options.opset,
         profile=options.profile,
         calibration=calibration_summary,
+        fusion=fusion_summary,
         verification={r.artifact: r.to_json_dict() for r in reports},
         source_checkpoint=str(checkpoint),
         source_checkpoint_sha256=_sha256(checkpoint),
@@ -364,6 +410,34 @@ def _build(
     return spec, tuple(warnings)
 
 
+def _fused_artifact(
+    stage: Path,
+    fp32: Path,
+    model: nn.Module,
+    images: list[np.ndarray],
+    attention: tuple[int, int],
+) -> tuple[dict[str, Any], VerificationReport]:
+    """model.ort.onnx from model.onnx, checked against PyTorch: (spec summary, report)."""
+    num_heads, hidden_size = attention
+    summary = fuse_vit(fp32, stage / FUSED_ONNX, num_heads=num_heads, hidden_size=hidden_size)
+    report = compare(
+        onnxruntime_runner(stage / FUSED_ONNX),
+        torch_runner(model),
+        images,
+        artifact=FUSED_ONNX,
+        reference_name="torch eager fp32",
+        images_name=_RANDOM_IMAGES,
+        tolerance=FP32_TOLERANCE,
+    )
+    return {
+        **asdict(summary),
+        "source": FP32_ONNX,
+        "num_heads": num_heads,
+        "hidden_size": hidden_size,
+        "runtime": "onnxruntime only (com.microsoft ops)",
+    }, report
+
+
 def _int8_artifacts(
     stage: Path, fp32: Path, calibration: CalibrationSet, options: ExportOptions, work: Path
 ) -> tuple[list[str], list[VerificationReport], dict[str, Any]]:
@@ -371,18 +445,29 @@ def _int8_artifacts(
     save_calibration_set(calibration, stage / CALIB_FILENAME)
     cpu_dst = stage / INT8_CPU_ONNX if options.int8_cpu else None
     int8 = quantize_int8(
-        fp32, stage / INT8_ONNX, calibration, options.calib_method, work,
-        exclude_nodes=options.exclude_nodes, cpu_dst=cpu_dst,
+        fp32,
+        stage / INT8_ONNX,
+        calibration,
+        options.calib_method,
+        work,
+        exclude_nodes=options.exclude_nodes,
+        cpu_dst=cpu_dst,
     )
     images = _calibration_check_images(calibration)
     label = "calibration images (in-sample), full size and an odd-size crop"
     # The Q/DQ file is checked with exact Q/DQ arithmetic (what TensorRT computes), the CPU
     # flavour with onnxruntime's fused int8 kernels (what a CPU user runs).
-    reports = [compare(
-        onnxruntime_runner(int8.path, optimize=False), onnxruntime_runner(fp32), images,
-        artifact=INT8_ONNX, reference_name=f"{FP32_ONNX} (Q/DQ evaluated exactly)",
-        images_name=label, tolerance=INT8_TOLERANCE,
-    )]
+    reports = [
+        compare(
+            onnxruntime_runner(int8.path, optimize=False),
+            onnxruntime_runner(fp32),
+            images,
+            artifact=INT8_ONNX,
+            reference_name=f"{FP32_ONNX} (Q/DQ evaluated exactly)",
+            images_name=label,
+            tolerance=INT8_TOLERANCE,
+        )
+    ]
     if int8.cpu_path is not None:
         reports.append(_compare_onnx(int8.cpu_path, fp32, images, label, INT8_TOLERANCE))
     summary = {
@@ -404,8 +489,12 @@ def _tensorrt_artifact(
     """model.plan from the ONNX of `options.precision`, compared with it in onnxruntime."""
     source = stage / ONNX_BY_PRECISION[options.precision]
     engine = build_engine(
-        source, stage / PLAN, options.profile, options.precision,
-        workspace_mib=options.workspace_mib, timing_cache=options.timing_cache,
+        source,
+        stage / PLAN,
+        options.profile,
+        options.precision,
+        workspace_mib=options.workspace_mib,
+        timing_cache=options.timing_cache,
     )
     # An INT8 engine is compared with its Q/DQ graph evaluated exactly, not with onnxruntime's
     # saturating x86 int8 kernels (see verify.onnxruntime_runner).
@@ -414,9 +503,12 @@ def _tensorrt_artifact(
     if exact:
         reference += " (Q/DQ evaluated exactly)"
     report = compare(
-        EngineRunner(engine.path), onnxruntime_runner(source, optimize=not exact),
-        random_images(profile_check_shapes(options.profile)), artifact=PLAN,
-        reference_name=reference, images_name=_RANDOM_IMAGES,
+        EngineRunner(engine.path),
+        onnxruntime_runner(source, optimize=not exact),
+        random_images(profile_check_shapes(options.profile)),
+        artifact=PLAN,
+        reference_name=reference,
+        images_name=_RANDOM_IMAGES,
         tolerance=TENSORRT_TOLERANCES[options.precision],
     )
     return engine, report
@@ -426,8 +518,13 @@ def _compare_onnx(
     candidate: Path, reference: Path, images: list[np.ndarray], label: str, tol: Tolerance
 ) -> VerificationReport:
     return compare(
-        onnxruntime_runner(candidate), onnxruntime_runner(reference), images,
-        artifact=candidate.name, reference_name=reference.name, images_name=label, tolerance=tol,
+        onnxruntime_runner(candidate),
+        onnxruntime_runner(reference),
+        images,
+        artifact=candidate.name,
+        reference_name=reference.name,
+        images_name=label,
+        tolerance=tol,
     )
 
 

@@ -69,6 +69,7 @@ class ModelSpec:
     opset: int | None = None
     profile: ShapeProfile = field(default_factory=ShapeProfile)
     calibration: dict[str, Any] | None = None
+    fusion: dict[str, Any] | None = None  # model.ort.onnx: what was fused (cosa.export.fusion)
     verification: dict[str, Any] | None = None
     source_checkpoint: str | None = None
     source_checkpoint_sha256: str | None = None
@@ -126,6 +127,7 @@ class ModelSpec:
                     max=tuple(profile.get("max", (8, 1024, 1024))),
                 ),
                 calibration=data.get("calibration"),
+                fusion=data.get("fusion"),
                 verification=data.get("verification"),
                 source_checkpoint=data.get("source_checkpoint"),
                 source_checkpoint_sha256=data.get("source_checkpoint_sha256"),

@@ -201,6 +201,16 @@ def resolve_artifact(
     return path, spec
 
 
+def fused_variant(path: Path, spec: ModelSpec) -> Path:
+    """The onnxruntime-fused FP32 graph (role "fp32_ort") beside `path` if `path` is the export's
+    FP32 ONNX and the fused file exists; else `path`."""
+    fused = spec.extra_artifacts.get("fp32_ort")
+    if fused is None or path.name != spec.extra_artifacts.get("fp32", "model.onnx"):
+        return path
+    candidate = path.parent / fused
+    return candidate if candidate.is_file() else path
+
+
 class OnnxRuntimeRunner(_Closing):
     """The ONNX deploy graph in onnxruntime (CUDA provider when available, else CPU)."""
 
@@ -213,6 +223,7 @@ class OnnxRuntimeRunner(_Closing):
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
         return_logits: bool = False,
+        fused: bool = True,
     ) -> None:
         """Open a session.
 
@@ -228,6 +239,10 @@ class OnnxRuntimeRunner(_Closing):
                 (on 2 shared cores, spinning halved both model-only and end-to-end images/s of
                 the tiny test model).
             return_logits: also return "logits" (costs a (N, K, H, W) copy per batch).
+            fused: when `model` is a folder and the FP32 graph is picked, run its
+                onnxruntime-fused variant (spec.json role "fp32_ort", model.ort.onnx) if the
+                export wrote one: the same network verified against PyTorch, faster in
+                onnxruntime (benchmarks/results/inference.md). A file path runs as given.
 
         Raises:
             ConfigError, ExportError: see `resolve_artifact`; unknown provider.
@@ -238,6 +253,8 @@ class OnnxRuntimeRunner(_Closing):
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
         self.path, self._spec = resolve_artifact(Path(model), ".onnx", precision)
+        if fused and Path(model).is_dir():
+            self.path = fused_variant(self.path, self._spec)
         available = ort.get_available_providers()
         if providers is None:
             preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
