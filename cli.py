@@ -311,6 +311,12 @@ class CalibMethod(str, Enum):
     minmax = "minmax"
 
 
+class OrtFusion(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 @app.command()
 @reports_errors
 def export(
@@ -337,6 +343,13 @@ def export(
     workspace_mib: Annotated[
         int | None, typer.Option(help="TensorRT workspace limit (MiB).")
     ] = None,
+    ort_fusion: Annotated[
+        OrtFusion,
+        typer.Option(
+            help="Also write model.ort.onnx: fused transformer ops, onnxruntime only. "
+            "auto: ViT backbones only; on: fail if nothing fuses."
+        ),
+    ] = OrtFusion.auto,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Export the assignment network's seg stream: verified ONNX, FP16, INT8 (Q/DQ), TensorRT."""
@@ -353,6 +366,7 @@ def export(
         "opset": opset,
         "workspace_mib": workspace_mib,
         "exclude_nodes": tuple(exclude_node or ()),
+        "ort_fusion": ort_fusion.value,
         "min_shape": parse_shape(min_shape, "--min-shape"),
         "opt_shape": parse_shape(opt_shape, "--opt-shape"),
         "max_shape": parse_shape(max_shape, "--max-shape"),

@@ -18,6 +18,13 @@ Platforms and where their instances run (`instance_group.kind`):
     python       backend python running onnxruntime's CPU provider, KIND_CPU: for servers without
                  the onnxruntime backend, such as the embedded one of `cosa triton serve`.
 
+Which file a platform serves: tensorrt the export's model.plan; onnxruntime and python the ONNX of
+the export's precision, and for FP32 the onnxruntime-fused graph model.ort.onnx (spec.json role
+"fp32_ort", written by `cosa export` for ViT backbones) when there is one: the same network,
+verified against PyTorch at export, with com.microsoft contrib ops that only onnxruntime runs. With
+TensorRT as onnxruntime's accelerator (`ort_tensorrt`) the plain model.onnx is served: TensorRT
+does not take those ops. The file is always named model.onnx in the version folder.
+
 Sizes: the model accepts any (H, W) but Triton only batches requests whose shapes match, so clients
 bucket images by size. The ensemble takes the images of one request as one tensor, so they must
 share a size; thin clients send one image per request and the segmentation model's dynamic batcher
@@ -208,7 +215,8 @@ def write_repository(
 
     Args:
         artifact_dir: folder with `spec.json` and the artifact the platform serves (`model.onnx`
-            for onnxruntime and python, `model.plan` for tensorrt).
+            for onnxruntime and python, or its fused `model.ort.onnx` when the export wrote one
+            and `ort_tensorrt` is off; `model.plan` for tensorrt).
         out: repository folder to create.
         platform: "onnxruntime" (onnxruntime_onnx), "tensorrt" (tensorrt_plan) or "python"
             (python backend running onnxruntime on the CPU).
@@ -250,6 +258,8 @@ def write_repository(
     spec = read_spec(artifact_dir)
     _check_spec(spec, platform, max_batch, ensemble)
     artifact = _find_artifact(artifact_dir, spec, platform, runtime)
+    if runtime.suffix == ".onnx" and not ort_tensorrt:
+        artifact = _fused_variant(artifact, spec)
     companions = _check_onnx(artifact, spec) if runtime.suffix == ".onnx" else ()
 
     layout = RepositoryLayout(
@@ -396,6 +406,21 @@ def _find_artifact(artifact_dir: Path, spec: ModelSpec, platform: str, runtime: 
         )
         raise ServingError(f"{path} not found: platform {platform!r} serves a {name}; {how}")
     return path
+
+
+def _fused_variant(path: Path, spec: ModelSpec) -> Path:
+    """The onnxruntime-fused FP32 graph (role "fp32_ort") instead of `path` if `path` is the
+    export's FP32 ONNX and spec.json lists a fused one; else `path`. A listed but missing fused
+    file is logged and `path` served (it computes the same, slower)."""
+    fused = spec.extra_artifacts.get("fp32_ort")
+    if fused is None or path.name != spec.extra_artifacts.get("fp32", "model.onnx"):
+        return path
+    candidate = path.parent / fused
+    if not candidate.is_file():
+        logger.warning("spec.json lists %s but it is missing; serving %s", candidate, path.name)
+        return path
+    logger.info("serving %s (onnxruntime-fused) as %s", candidate, path.name)
+    return candidate
 
 
 def _check_onnx(path: Path, spec: ModelSpec) -> tuple[str, ...]:

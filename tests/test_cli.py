@@ -66,3 +66,13 @@ def test_segment_and_eval_errors(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--url" in res.output
     res = runner.invoke(app, ["eval", str(tmp_path / "c.pt"), "--data", str(tmp_path)])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_export_bad_ort_fusion_is_a_usage_error(tmp_path: Path) -> None:
+    args = ["export", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")]
+    res = CliRunner().invoke(app, [*args, "--ort-fusion", "bogus"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    message = " ".join(res.output.replace("│", " ").split())  # Typer boxes and wraps it
+    assert "Invalid value for '--ort-fusion'" in message
+    assert "'bogus' is not one of 'auto', 'on', 'off'" in message
+    assert not (tmp_path / "x").exists()

@@ -1,7 +1,8 @@
 """`export_artifacts` end to end on the real tiny network, and every bad input of issue 4.
 
-One export runs for the whole module (the dynamo export dominates the time): INT8 with calibration
-and `--trt`, into a folder that holds a previous export. TensorRT is replaced at the pipeline seam
+One export runs for the whole module (the dynamo export dominates the time): INT8 with calibration,
+`--trt` and the default `ort_fusion="auto"` (a ViT, so model.ort.onnx too), into a folder that
+holds a previous export. TensorRT is replaced at the pipeline seam
 (`require_tensorrt`, `build_engine`, `EngineRunner`) by a stand-in whose "engine" is the ONNX run in
 onnxruntime; the builder itself is tested against a fake TensorRT in test_export_tensorrt.py.
 For speed the ViT-Ti's 12 blocks are cut to 2 after loading the checkpoint (same code path, fewer
@@ -22,7 +23,9 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
+from cli import app
 from cosa.checkpoint import Checkpoint, load_deploy_model, save_checkpoint
 from cosa.config import CosaConfig, ModelConfig
 from cosa.errors import CheckpointError, ExportError, MissingDependencyError
@@ -55,8 +58,14 @@ def write_checkpoint(path: Path) -> Path:
     net = build_model(cfg, num_classes=len(CLASS_NAMES) - 1, load_pretrained=False)
     state = net.state_dict()
     save_checkpoint(
-        Checkpoint(config=CosaConfig(model=cfg), class_names=CLASS_NAMES, palette=PALETTE,
-                   iteration=0, online=state, teacher=state),
+        Checkpoint(
+            config=CosaConfig(model=cfg),
+            class_names=CLASS_NAMES,
+            palette=PALETTE,
+            iteration=0,
+            online=state,
+            teacher=state,
+        ),
         path,
     )
     return path
@@ -81,12 +90,24 @@ def shallow_loader(path: Path) -> tuple[DeployModel, Checkpoint]:
     return model, ckpt
 
 
-def fake_build_engine(onnx_path: Path, plan_path: Path, profile: ShapeProfile, precision: str,
-                      workspace_mib: int, timing_cache: Path | None) -> EngineInfo:
+def fake_build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    profile: ShapeProfile,
+    precision: str,
+    workspace_mib: int,
+    timing_cache: Path | None,
+) -> EngineInfo:
     shutil.copyfile(onnx_path, plan_path)  # the stand-in "engine" is the ONNX itself
-    return EngineInfo(path=plan_path, tensorrt_version="10.13.0.35", gpu_name="Fake GPU",
-                      precision=precision, builder_flags=("INT8", "FP16"),
-                      timing_cache=Path("unused"), build_seconds=0.0)
+    return EngineInfo(
+        path=plan_path,
+        tensorrt_version="10.13.0.35",
+        gpu_name="Fake GPU",
+        precision=precision,
+        builder_flags=("INT8", "FP16"),
+        timing_cache=Path("unused"),
+        build_seconds=0.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +125,15 @@ def exported(
     (out / "spec.json").write_text("{}")
     (out / "model.fp16.onnx").write_bytes(b"stale")
     options = ExportOptions(
-        precision="int8", calib_dir=write_images(root / "calib", 10), calib_size=8,
-        calib_method="percentile", trt=True, min_shape=PROFILE.min, opt_shape=PROFILE.opt,
-        max_shape=PROFILE.max, verify_shapes=VERIFY_SHAPES,
+        precision="int8",
+        calib_dir=write_images(root / "calib", 10),
+        calib_size=8,
+        calib_method="percentile",
+        trt=True,
+        min_shape=PROFILE.min,
+        opt_shape=PROFILE.opt,
+        max_shape=PROFILE.max,
+        verify_shapes=VERIFY_SHAPES,
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "load_deploy_model", shallow_loader)
@@ -126,8 +153,15 @@ def test_folder_holds_exactly_the_artifacts_and_no_temp_folder(
 ) -> None:
     result, _ = exported
     names = sorted(p.name for p in result.out.iterdir())
-    assert names == ["calib.npz", "model.int8.onnx", "model.int8_cpu.onnx", "model.onnx",
-                     "model.plan", "spec.json"]
+    assert names == [
+        "calib.npz",
+        "model.int8.onnx",
+        "model.int8_cpu.onnx",
+        "model.onnx",
+        "model.ort.onnx",
+        "model.plan",
+        "spec.json",
+    ]
     assert sorted(p.name for p in result.out.parent.iterdir()) == ["artifacts", "calib"]
     assert result.replaced_previous  # the stale model.fp16.onnx went with the old export
     assert result.primary == result.out / "model.plan"
@@ -146,13 +180,23 @@ def test_spec_records_artifacts_profile_engine_and_source(
     assert spec.profile == PROFILE
     assert (spec.tensorrt_version, spec.gpu_name) == ("10.13.0.35", "Fake GPU")
     assert spec.extra_artifacts == {
-        "fp32": "model.onnx", "calibration": "calib.npz", "int8": "model.int8.onnx",
-        "int8_cpu": "model.int8_cpu.onnx", "tensorrt": "model.plan",
+        "fp32": "model.onnx",
+        "fp32_ort": "model.ort.onnx",
+        "calibration": "calib.npz",
+        "int8": "model.int8.onnx",
+        "int8_cpu": "model.int8_cpu.onnx",
+        "tensorrt": "model.plan",
     }
+    assert (spec.fusion or {})["attention_layers"] == KEEP_BLOCKS  # default "auto" fused the ViT
     assert spec.backbone == "vit_tiny_patch16"
     assert spec.source_checkpoint_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert set(spec.verification or {}) == {"model.onnx", "model.int8.onnx",
-                                            "model.int8_cpu.onnx", "model.plan"}
+    assert set(spec.verification or {}) == {
+        "model.onnx",
+        "model.ort.onnx",
+        "model.int8.onnx",
+        "model.int8_cpu.onnx",
+        "model.plan",
+    }
 
 
 def test_fp32_onnx_verification_covers_odd_shapes(
@@ -160,8 +204,7 @@ def test_fp32_onnx_verification_covers_odd_shapes(
 ) -> None:
     entry = exported[0].spec.verification["model.onnx"]  # type: ignore[index]
     assert entry["reference"] == "torch eager fp32"
-    assert [s["shape"] for s in entry["shapes"]] == [[1, 3, 48, 48], [2, 3, 37, 53],
-                                                     [1, 3, 50, 70]]
+    assert [s["shape"] for s in entry["shapes"]] == [[1, 3, 48, 48], [2, 3, 37, 53], [1, 3, 50, 70]]
     assert entry["max_abs_diff"] < 1e-4
     assert entry["min_mask_agreement"] >= 0.999
 
@@ -177,9 +220,15 @@ def test_onnx_names_dims_and_round_trip(exported: tuple[ExportResult, DeployMode
     assert dims[1].dim_value == 3
     # Independently of the pipeline's own check: other odd sizes, larger batch.
     images = random_images([(3, 29, 61), (1, 64, 17), (2, 45, 45)], seed=7)
-    report = compare(onnxruntime_runner(result.out / "model.onnx"), torch_runner(model), images,
-                     artifact="model.onnx", reference_name="torch", images_name="random",
-                     tolerance=pipeline.FP32_TOLERANCE)
+    report = compare(
+        onnxruntime_runner(result.out / "model.onnx"),
+        torch_runner(model),
+        images,
+        artifact="model.onnx",
+        reference_name="torch",
+        images_name="random",
+        tolerance=pipeline.FP32_TOLERANCE,
+    )
     assert report.max_abs_diff < 1e-4 and report.min_mask_agreement >= 0.999
 
 
@@ -228,10 +277,43 @@ def test_engine_was_compared_in_the_profile(exported: tuple[ExportResult, Deploy
 def test_result_json_is_machine_readable(exported: tuple[ExportResult, DeployModel]) -> None:
     data = json.loads(exported[0].to_json())
     assert data["precision"] == "int8" and data["primary"].endswith("model.plan")
-    assert set(data["files"]) == {"fp32", "int8", "int8_cpu", "calibration", "tensorrt", "spec"}
+    assert set(data["files"]) == {
+        "fp32",
+        "fp32_ort",
+        "int8",
+        "int8_cpu",
+        "calibration",
+        "tensorrt",
+        "spec",
+    }
     assert exported[0].onnx_path == exported[0].out / "model.onnx"
     assert data["verification"]["model.onnx"]["max_abs_diff"] < 1e-4
     assert data["tensorrt_version"] == "10.13.0.35"
+
+
+def test_cli_passes_ort_fusion_default_auto_and_lists_the_fused_graph(
+    exported: tuple[ExportResult, DeployModel],
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `cosa export` up to the library call, which returns the module's export (no second one).
+    received: list[ExportOptions] = []
+
+    def export_once(ckpt: Path, out: Path, options: ExportOptions) -> ExportResult:
+        received.append(options)
+        return exported[0]
+
+    monkeypatch.setattr(pipeline, "export_artifacts", export_once)
+    args = ["export", str(checkpoint), "--out", str(tmp_path / "out")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "verified model.ort.onnx against torch eager fp32" in res.output
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert json.loads(res.output)["files"]["fp32_ort"].endswith("model.ort.onnx")
+    for mode in ("on", "off"):
+        assert CliRunner().invoke(app, [*args, "--ort-fusion", mode, "--json"]).exit_code == 0
+    assert [options.ort_fusion for options in received] == ["auto", "auto", "on", "off"]
 
 
 def test_fp16_of_the_real_export_loads_and_matches(
@@ -240,9 +322,15 @@ def test_fp16_of_the_real_export_loads_and_matches(
     fp32 = exported[0].out / "model.onnx"
     fp16 = convert_to_fp16(fp32, tmp_path / "model.fp16.onnx")
     check_graph(onnx.load(str(fp16)))
-    report = compare(onnxruntime_runner(fp16), onnxruntime_runner(fp32),
-                     random_images([(1, 48, 48), (2, 37, 53)]), artifact="fp16",
-                     reference_name="fp32", images_name="random", tolerance=FP16_TOLERANCE)
+    report = compare(
+        onnxruntime_runner(fp16),
+        onnxruntime_runner(fp32),
+        random_images([(1, 48, 48), (2, 37, 53)]),
+        artifact="fp16",
+        reference_name="fp32",
+        images_name="random",
+        tolerance=FP16_TOLERANCE,
+    )
     assert report.max_abs_diff > 0.0 and report.min_mask_agreement >= 0.98
 
 
@@ -348,15 +436,21 @@ def test_failure_mid_build_leaves_no_partial_folder(
         ({"precision": "int8"}, "--precision int8 needs calibration images: pass --calib DIR"),
         ({"precision": "int4"}, "--precision 'int4' is not one of fp32, fp16, int8"),
         ({"calib_dir": Path("x")}, "--calib is only used with --precision int8"),
-        ({"precision": "int8", "calib_dir": Path("x"), "calib_method": "kl"},
-         "--calib-method 'kl' is not one of"),
-        ({"precision": "int8", "calib_dir": Path("x"), "calib_size": 3},
-         "--calib-size 3 is below the minimum"),
+        (
+            {"precision": "int8", "calib_dir": Path("x"), "calib_method": "kl"},
+            "--calib-method 'kl' is not one of",
+        ),
+        (
+            {"precision": "int8", "calib_dir": Path("x"), "calib_size": 3},
+            "--calib-size 3 is below the minimum",
+        ),
         ({"exclude_nodes": ("conv",)}, "--exclude-node only applies to --precision int8"),
         ({"opset": 17}, "--opset 17 is not supported"),
         ({"opset": 99}, "--opset 99 is not supported"),
-        ({"min_shape": (1, 512, 512), "max_shape": (8, 448, 1024)},
-         "H is min 512, opt 448, max 448"),
+        (
+            {"min_shape": (1, 512, 512), "max_shape": (8, 448, 1024)},
+            "H is min 512, opt 448, max 448",
+        ),
         ({"opt_shape": (16, 448, 448)}, "N is min 1, opt 16, max 8"),
         ({"workspace_mib": 0}, "workspace 0 MiB is invalid"),
     ],
@@ -367,8 +461,8 @@ def test_invalid_options_are_rejected(kwargs: dict, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "shape"), [("1x448x448", (1, 448, 448)), ("8X1024x512", (8, 1024, 512)),
-                        (" 2 x 3 x 4 ", (2, 3, 4))],
+    ("text", "shape"),
+    [("1x448x448", (1, 448, 448)), ("8X1024x512", (8, 1024, 512)), (" 2 x 3 x 4 ", (2, 3, 4))],
 )
 def test_parse_shape(text: str, shape: tuple[int, int, int]) -> None:
     assert parse_shape(text) == shape

@@ -7,6 +7,7 @@ the ensemble's wiring is checked against the configs it references.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import sys
@@ -23,7 +24,15 @@ from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
 from cosa.errors import ExportError, ServingError
-from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec, ShapeProfile, write_spec
+from cosa.export.spec import (
+    INPUT_NAME,
+    LOGITS_NAME,
+    MASK_NAME,
+    ModelSpec,
+    ShapeProfile,
+    read_spec,
+    write_spec,
+)
 from cosa.serving import triton_repo
 from cosa.serving.triton_repo import (
     ENSEMBLE_INPUT_NAME,
@@ -219,6 +228,64 @@ def test_external_onnx_data_is_copied_beside_the_model(tmp_path: Path) -> None:
     (art / "weights.bin").unlink()
     with pytest.raises(ServingError, match=r"external data \['weights.bin'\]"):
         write_repository(art, tmp_path / "repo2", "onnxruntime")
+
+
+def add_variant(
+    folder: Path, name: str, role: str, scale: float = -1.0, primary: bool = False
+) -> Path:
+    """Beside make_artifact's model.onnx: `name`, the same graph with its weights times `scale`
+    (told apart by its bytes), listed in spec.json under `role` (and as the primary if asked)."""
+    model = onnx.load(str(folder / "model.onnx"))
+    weight = model.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(scale * numpy_helper.to_array(weight), weight.name))
+    onnx.save(model, str(folder / name))
+    spec = read_spec(folder)
+    extra = {"fp32": "model.onnx", **spec.extra_artifacts, role: name}
+    artifact = name if primary else spec.artifact
+    write_spec(dataclasses.replace(spec, extra_artifacts=extra, artifact=artifact), folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("platform", "options", "served"),
+    [
+        ("onnxruntime", {}, "model.ort.onnx"),
+        ("onnxruntime", dict(instance_kind="gpu"), "model.ort.onnx"),
+        ("python", {}, "model.ort.onnx"),
+        ("onnxruntime", dict(ort_tensorrt=True), "model.onnx"),  # TensorRT takes no contrib ops
+        ("tensorrt", {}, "model.plan"),
+    ],
+)
+def test_onnxruntime_platforms_serve_the_fused_graph_tensorrt_keeps_its_own(
+    tmp_path: Path, platform: str, options: dict, served: str
+) -> None:
+    art = add_variant(make_artifact(tmp_path / "art", plan=True), "model.ort.onnx", "fp32_ort")
+    layout = write_repository(art, tmp_path / "repo", platform, ensemble=False, **options)
+    version = layout.root / layout.segmentation / "1"
+    model_file = "model.plan" if platform == "tensorrt" else "model.onnx"
+    code = ["model.py"] if platform == "python" else []
+    assert sorted(p.name for p in version.iterdir()) == sorted([model_file, *code])
+    assert (version / model_file).read_bytes() == (art / served).read_bytes()
+    config = parse(layout.config_path(layout.segmentation))
+    if platform == "python":
+        assert config.parameters["onnx_file"].string_value == "model.onnx"
+    elif platform == "onnxruntime":
+        assert config.default_model_filename == "model.onnx"
+
+
+def test_fused_graph_replaces_only_the_fp32_graph_and_only_if_present(tmp_path: Path) -> None:
+    # An INT8 primary is served as exported, fused FP32 graph or not.
+    art = add_variant(make_artifact(tmp_path / "art"), "model.ort.onnx", "fp32_ort")
+    add_variant(art, "model.int8.onnx", "int8", scale=2.0, primary=True)
+    layout = write_repository(art, tmp_path / "repo", "onnxruntime", ensemble=False)
+    served = (layout.root / "cosa_seg" / "1" / "model.onnx").read_bytes()
+    assert served == (art / "model.int8.onnx").read_bytes()
+    # Listed in spec.json but deleted: the plain FP32 graph (same network) is served.
+    plain = add_variant(make_artifact(tmp_path / "plain"), "model.ort.onnx", "fp32_ort")
+    (plain / "model.ort.onnx").unlink()
+    layout = write_repository(plain, tmp_path / "repo2", "python", ensemble=False)
+    served = (layout.root / "cosa_seg" / "1" / "model.onnx").read_bytes()
+    assert served == (plain / "model.onnx").read_bytes()
 
 
 @pytest.mark.parametrize(
