@@ -99,7 +99,8 @@ def test_sizes_vary_and_are_not_square(generated) -> None:
     root, _ = generated
     sizes = [Image.open(p).size for p in (root / "JPEGImages").glob("*.jpg")]
     for width, height in sizes:
-        assert 200 <= width <= 500 and 200 <= height <= 500
+        low, high = synth.SIZE_RANGE
+        assert low <= width <= high and low <= height <= high
         assert abs(width - height) >= synth.MIN_ASPECT_GAP
     assert len(set(sizes)) == len(sizes)
 

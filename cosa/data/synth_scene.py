@@ -10,7 +10,7 @@ Rendering parameters (module constants, sizes relative to the image's shorter si
   earlier ones); MIN_IN_FRAME = 0.7: at least 70 % of an object lies inside the image.
   PLACEMENT_TRIES = 25 attempts per object, then it is left out (its class label follows the mask).
 - CLUTTER = (6, 16) random lines, small ellipses and rectangle outlines in any colour behind the
-  objects; TEXTURED_DISTRACTORS = (0, 2) near-square rectangles (radius DISTRACTOR_SCALE = 0.7 times
+  objects; TEXTURED_DISTRACTORS = (0, 1) near-square rectangles (radius DISTRACTOR_SCALE = 0.7 times
   an object's) painted with a random class's texture and colour band (so texture + colour without
   shape is not enough); OCCLUDERS = (0, 2) thin lines drawn over the objects (background in the
   mask).
@@ -44,7 +44,7 @@ MIN_VISIBLE = 0.4
 MIN_IN_FRAME = 0.7
 PLACEMENT_TRIES = 25
 CLUTTER = (6, 16)
-TEXTURED_DISTRACTORS = (0, 2)
+TEXTURED_DISTRACTORS = (0, 1)
 DISTRACTOR_SCALE = 0.7
 OCCLUDERS = (0, 2)
 LIGHT_GAIN = 0.3
