@@ -248,7 +248,8 @@ def eval_(
     )
     if result.cam_miou is not None:
         out_console.print(
-            f"CAM mIoU {result.cam_miou:.4f}   CPL mIoU {result.cpl_miou:.4f} "
+            f"CAM mIoU {result.cam_miou:.4f} (GT image labels; with the classifier's own "
+            f"labels {result.cam_miou_predicted_labels:.4f})   CPL mIoU {result.cpl_miou:.4f} "
             f"(coverage {result.cpl_coverage:.2f})"
         )
 

@@ -138,7 +138,9 @@ class TrainConfig:
 
     max_iters: int = 32000
     batch_size: int = 4  # global batch; divided across DDP ranks
-    select_metric: str = "miou"  # val metric choosing best.pt: miou (seg) | cam_miou (CAM baseline)
+    # Val metric choosing best.pt: miou (seg stream) | cam_miou | cam_miou_predicted_labels (CAM
+    # baselines; the latter picks classes with the network's own classifier, as deployed).
+    select_metric: str = "miou"
     supervision: str = "weak"  # weak (CoSA) | full (pixel labels: the fully supervised upper bound)
     seed: int = 0
     eval_every: int = 2000

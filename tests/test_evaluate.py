@@ -79,3 +79,54 @@ def test_class_mismatch_between_checkpoint_and_data(val_index, tmp_path: Path) -
     save_checkpoint(ckpt, tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="classes"):
         evaluate_checkpoint(tmp_path / "c.pt", val_index.root, split="val", device="cpu")
+
+
+class _ScriptedNet(torch.nn.Module):
+    """A 'network' whose CAM is the GT mask (one-hot on the 16x16 grid would be too coarse, so it
+    works at input resolution) and whose classifier says every class in `claimed` is present."""
+
+    def __init__(self, mask: np.ndarray, num_classes: int, claimed: list[int]) -> None:
+        super().__init__()
+        self.mask = torch.from_numpy(mask.astype(np.int64))
+        self.num_classes = num_classes
+        self.claimed = claimed
+
+    def forward(self, x: torch.Tensor):
+        from cosa.model.outputs import NetOutput
+
+        batch, _, height, width = x.shape
+        mask = torch.nn.functional.interpolate(
+            self.mask[None, None].float(), size=(height, width), mode="nearest"
+        )[0, 0].long()
+        cam = torch.stack([(mask == c + 1).float() for c in range(self.num_classes)])
+        cam = cam[None].expand(batch, -1, -1, -1).clone()
+        if x.shape[0] == 2 * 1:  # the flipped half of the teacher's batch: flip back the content
+            cam[1] = cam[1].flip(-1)
+        logits = torch.full((batch, self.num_classes), -10.0)
+        logits[:, self.claimed] = 10.0
+        seg = torch.zeros(batch, self.num_classes + 1, height, width)
+        return NetOutput(logits, logits, cam, cam, seg, torch.zeros(batch, 4, height, width))
+
+
+def test_cam_quality_scores_gt_and_predicted_labels_separately(val_index) -> None:
+    """With a perfect CAM, GT labels give CAM mIoU 1; a classifier that claims a wrong class as
+    well (or misses the true one) costs only the predicted-label score."""
+    from cosa.evaluation.evaluate import CamQuality
+
+    item = EvalDataset(val_index)[0]
+    mask = item["mask"]
+    present = [c for c in range(len(item["label"])) if item["label"][c] > 0]
+    absent = next(c for c in range(len(item["label"])) if item["label"][c] == 0)
+    num_classes = len(item["label"])
+
+    def score(claimed: list[int]) -> tuple[float, float]:
+        net = _ScriptedNet(mask, num_classes, claimed)
+        quality = CamQuality(net, torch.device("cpu"), num_classes + 1, (1.0,), 0.25, 0.7)
+        quality.update(item["image"], mask, item["label"])
+        return quality.cam_matrix.scores().miou, quality.cam_predicted_matrix.scores().miou
+
+    assert score(present) == pytest.approx((1.0, 1.0))
+    gt_only, missing = score(present[1:])  # the classifier misses the first present class
+    assert gt_only == pytest.approx(1.0) and missing < 1.0
+    with_extra = score(present + [absent])  # the extra class has an empty CAM: no pixel changes
+    assert with_extra == pytest.approx((1.0, 1.0))

@@ -48,6 +48,9 @@ from cosa.train.sampler import ResumableSampler
 from cosa.train.schedule import build_optimizer, build_scheduler
 from cosa.train.visualize import cam_picture, save_curves, save_grid
 
+# Val metrics that may choose best.pt (train.select_metric): attributes of EvalResult.
+SELECT_METRICS = ("miou", "cam_miou", "cam_miou_predicted_labels")
+
 log = logging.getLogger(__name__)
 
 
@@ -161,9 +164,10 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_iters)
         self.amp_dtype = _autocast_dtype(cfg.train.amp, ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        if cfg.train.select_metric not in ("miou", "cam_miou"):
+        if cfg.train.select_metric not in SELECT_METRICS:
             raise ConfigError(
-                f"train.select_metric must be miou or cam_miou, got {cfg.train.select_metric!r}"
+                f"train.select_metric must be one of {', '.join(SELECT_METRICS)}, got "
+                f"{cfg.train.select_metric!r}"
             )
         if cfg.train.supervision not in ("weak", "full"):
             raise ConfigError(
@@ -447,6 +451,7 @@ class Trainer:
                 "miou": result.miou,
                 "miou_label_masked": result.miou_label_masked,
                 "cam_miou": result.cam_miou,
+                "cam_miou_predicted_labels": result.cam_miou_predicted_labels,
                 "cpl_miou": result.cpl_miou,
                 "cpl_coverage": result.cpl_coverage,
                 "eval_seconds": result.seconds,
