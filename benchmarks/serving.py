@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,18 +159,24 @@ def run_rounds(cases: list[Case], rounds: int) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def call_latencies(call: Callable[[Any], object], items: Iterable[Any]) -> list[float]:
+    """Wall seconds of `call(item)` for each item, in order (one synchronous call at a time)."""
+    latencies = []
+    for item in items:
+        start = time.perf_counter()
+        call(item)
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
 def local_cases(model: Path, images: np.ndarray, batch: int) -> list[Case]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
 
     def run(size: int) -> list[float]:
-        latencies = []
-        for i in range(0, len(images), size):
-            start = time.perf_counter()
-            session.run([MASK_NAME], {INPUT_NAME: images[i : i + size]})
-            latencies.append(time.perf_counter() - start)
-        return latencies
+        batches = (images[i : i + size] for i in range(0, len(images), size))
+        return call_latencies(lambda batch: session.run([MASK_NAME], {INPUT_NAME: batch}), batches)
 
     return [
         Case("local_ort_b1", len(images), lambda: run(1), "model only, batch 1"),
@@ -186,12 +192,7 @@ def triton_cases(
     grpc = clients["grpc"]
 
     def sequential(client: TritonSegmentationClient) -> list[float]:
-        latencies = []
-        for single in singles:
-            start = time.perf_counter()
-            client.infer(single)
-            latencies.append(time.perf_counter() - start)
-        return latencies
+        return call_latencies(client.infer, singles)
 
     def concurrent() -> None:
         for _ in grpc.infer_many(iter(singles), max_in_flight=concurrency):
@@ -212,12 +213,7 @@ def triton_cases(
     jpegs = [jpeg_bytes(image) for image in images]
 
     def ensemble() -> list[float]:
-        latencies = []
-        for data in jpegs:
-            start = time.perf_counter()
-            grpc.infer_encoded([data])
-            latencies.append(time.perf_counter() - start)
-        return latencies
+        return call_latencies(lambda data: grpc.infer_encoded([data]), jpegs)
 
     n = len(images)
     return [
@@ -265,12 +261,7 @@ def segment_cases(runner: Runner, folder: Path, out: Path, batch: int) -> list[C
     count = sum(len(b) for b in batches)
 
     def model_only() -> list[float]:
-        latencies = []
-        for images in batches:
-            start = time.perf_counter()
-            runner.infer(images)
-            latencies.append(time.perf_counter() - start)
-        return latencies
+        return call_latencies(runner.infer, batches)
 
     def end_to_end() -> None:
         summary = segment_inputs([str(folder)], out, runner, batch_size=batch)
