@@ -53,9 +53,9 @@ def _cache_key() -> str:
 
 def _build(dest: Path) -> None:
     import torch
+    from model_fixtures import save_net_checkpoint
 
-    from cosa.checkpoint import Checkpoint, save_checkpoint
-    from cosa.config import CosaConfig, ModelConfig
+    from cosa.config import ModelConfig
     from cosa.export.spec import INPUT_NAME, LOGITS_NAME, write_spec
     from cosa.model import DeployModel, build_model
 
@@ -65,18 +65,7 @@ def _build(dest: Path) -> None:
     # A private folder, renamed into place when complete: concurrent sessions never see half.
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     (tmp / "export").mkdir()
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    save_checkpoint(
-        Checkpoint(
-            config=CosaConfig(model=model_cfg),
-            class_names=list(CLASS_NAMES),
-            palette=[list(c) for c in PALETTE],
-            iteration=0,
-            online=state,
-            teacher=state,
-        ),
-        tmp / "tiny.pt",
-    )
+    save_net_checkpoint(net, model_cfg, CLASS_NAMES, PALETTE, tmp / "tiny.pt")
     dim = torch.export.Dim.DYNAMIC
     with torch.no_grad():
         torch.onnx.export(

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from model_fixtures import KEEP_BLOCKS, save_net_checkpoint, shallow_loader
 
-from cosa.checkpoint import Checkpoint, load_deploy_model, save_checkpoint
-from cosa.config import CosaConfig, ModelConfig
+from cosa.config import ModelConfig
 from cosa.errors import ExportError
 from cosa.export import pipeline
 from cosa.export.fusion import fuse_vit, vit_attention_shape
@@ -32,7 +32,6 @@ from cosa.serving.runners import OnnxRuntimeRunner
 
 CLASS_NAMES = ["background", "disc", "ring"]
 PALETTE = [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
-KEEP_BLOCKS = 2
 VERIFY_SHAPES = ((1, 48, 48), (2, 37, 53), (1, 50, 70))  # two sizes not multiples of 16
 
 
@@ -44,27 +43,7 @@ def write_checkpoint(path: Path, backbone: str = "vit_tiny_patch16") -> Path:
         for name, param in net.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.copy_(torch.randn_like(param) * 0.2 + (1.0 if name.endswith("weight") else 0))
-    state = net.state_dict()
-    save_checkpoint(
-        Checkpoint(
-            config=CosaConfig(model=cfg),
-            class_names=CLASS_NAMES,
-            palette=PALETTE,
-            iteration=0,
-            online=state,
-            teacher=state,
-        ),
-        path,
-    )
-    return path
-
-
-def shallow_loader(path: Path) -> tuple[DeployModel, Checkpoint]:
-    """The real `load_deploy_model`, then the ViT cut to KEEP_BLOCKS blocks (test speed only)."""
-    model, ckpt = load_deploy_model(path)
-    if hasattr(model.net.encoder, "vit"):
-        model.net.encoder.vit.blocks = model.net.encoder.vit.blocks[:KEEP_BLOCKS]
-    return model, ckpt
+    return save_net_checkpoint(net, cfg, CLASS_NAMES, PALETTE, path)
 
 
 @pytest.fixture(scope="module")

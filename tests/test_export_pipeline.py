@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from model_fixtures import KEEP_BLOCKS, save_net_checkpoint, shallow_loader
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from cosa.checkpoint import Checkpoint, load_deploy_model, save_checkpoint
-from cosa.config import CosaConfig, ModelConfig
+from cosa.config import ModelConfig
 from cosa.errors import CheckpointError, ExportError, MissingDependencyError
 from cosa.export import pipeline
 from cosa.export.fp16 import convert_to_fp16
@@ -49,26 +49,13 @@ CLASS_NAMES = ["background", "disc", "ring", "star"]
 PALETTE = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
 PROFILE = ShapeProfile(min=(1, 32, 32), opt=(1, 48, 64), max=(2, 96, 96))
 VERIFY_SHAPES = ((1, 48, 48), (2, 37, 53), (1, 50, 70))
-KEEP_BLOCKS = 2
 
 
 def write_checkpoint(path: Path) -> Path:
     cfg = ModelConfig(backbone="vit_tiny_patch16", decoder_channels=16)
     torch.manual_seed(0)
     net = build_model(cfg, num_classes=len(CLASS_NAMES) - 1, load_pretrained=False)
-    state = net.state_dict()
-    save_checkpoint(
-        Checkpoint(
-            config=CosaConfig(model=cfg),
-            class_names=CLASS_NAMES,
-            palette=PALETTE,
-            iteration=0,
-            online=state,
-            teacher=state,
-        ),
-        path,
-    )
-    return path
+    return save_net_checkpoint(net, cfg, CLASS_NAMES, PALETTE, path)
 
 
 def write_images(folder: Path, count: int) -> Path:
@@ -80,14 +67,6 @@ def write_images(folder: Path, count: int) -> Path:
             folder / f"img{i}.jpg"
         )
     return folder
-
-
-def shallow_loader(path: Path) -> tuple[DeployModel, Checkpoint]:
-    """The real `load_deploy_model`, then the ViT cut to KEEP_BLOCKS blocks (test speed only)."""
-    model, ckpt = load_deploy_model(path)
-    vit = model.net.encoder.vit
-    vit.blocks = vit.blocks[:KEEP_BLOCKS]
-    return model, ckpt
 
 
 def fake_build_engine(
