@@ -28,17 +28,16 @@ import glob
 import itertools
 import logging
 import os
-import queue
 import re
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import cv2
 import numpy as np
@@ -47,6 +46,7 @@ from tqdm import tqdm
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.export.spec import MASK_NAME
 from cosa.serving.atomic import atomic_path
+from cosa.serving.background import prefetch
 from cosa.serving.discovery import is_image_name
 from cosa.serving.images import load_image
 from cosa.serving.masks import blend_overlay, palette_lut, write_mask
@@ -58,7 +58,6 @@ __all__ = [
     "FrameSource",
     "StreamSummary",
     "open_source",
-    "prefetch",
     "run_stream",
 ]
 
@@ -69,8 +68,6 @@ log = logging.getLogger(__name__)
 # offered because that FFmpeg has no software H.264 encoder.
 VIDEO_CODECS: dict[str, str] = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG"}
 DEFAULT_FPS = 30.0
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -219,53 +216,6 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def prefetch(items: Iterable[T], depth: int, stop: threading.Event | None = None) -> Iterator[T]:
-    """Iterate `items` in a background thread, at most `depth` ahead of the consumer.
-
-    An exception raised by `items` is re-raised in the consumer, in order. Setting `stop` (or
-    closing the returned generator) ends the background thread at its next item.
-
-    Args:
-        items: any iterable; its iterator runs in the background thread only.
-        depth: queue bound (>= 1); the producer blocks when it is full (backpressure).
-        stop: optional event to stop the producer early.
-    """
-    stop = stop or threading.Event()
-    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-
-    def put(kind: str, value: Any) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put((kind, value), timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put("item", item):
-                    return
-            put("end", None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            put("error", exc)
-
-    worker = threading.Thread(target=produce, name="cosa-stream-reader", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, value = buffer.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        worker.join()
 
 
 class _OrderedWriter:
@@ -435,7 +385,7 @@ def _run(
 
     def requests() -> Iterator[np.ndarray]:
         """Batch-1 requests; may be consumed by the client's own sender thread."""
-        for frame in prefetch(frames, depth=max_in_flight, stop=stop):
+        for frame in prefetch(frames, depth=max_in_flight, stop=stop, name="cosa-stream-reader"):
             in_flight.append((frame, time.perf_counter()))
             yield images_to_batch([frame.image])
 

@@ -17,7 +17,7 @@ from serving_fixtures import FakeRunner, TinyArtifacts, expected_fake_mask, tiny
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.serving.masks import blend_overlay, palette_lut
 from cosa.serving.runners import OnnxRuntimeRunner
-from cosa.serving.stream import open_source, prefetch, run_stream
+from cosa.serving.stream import open_source, run_stream
 
 FRAMES, WIDTH, HEIGHT, FPS = 12, 64, 48, 10.0
 LUT = palette_lut(FakeRunner().spec.palette)
@@ -276,26 +276,3 @@ def test_backend_failure_removes_the_partial_video(tmp_path: Path) -> None:
     with pytest.raises(ServingError, match="model not ready"):
         run_stream(str(source), tmp_path / "out" / "o.mp4", DyingRunner())
     assert list((tmp_path / "out").iterdir()) == []
-
-
-def test_prefetch_is_bounded_ordered_and_reraises() -> None:
-    produced: list[int] = []
-
-    def numbers() -> Iterator[int]:
-        for i in range(10):
-            produced.append(i)
-            yield i
-        raise ValueError("source broke")
-
-    stream = prefetch(numbers(), depth=2)
-    assert next(stream) == 0
-    time.sleep(0.05)
-    assert len(produced) <= 4  # 1 consumed + 2 queued + 1 blocked in put
-    received = []
-    with pytest.raises(ValueError, match="source broke"):
-        for value in stream:
-            received.append(value)
-    assert received == list(range(1, 10))  # every item before the error, in order
-    early = prefetch(numbers(), depth=1)
-    assert next(early) == 0
-    early.close()  # stops the background thread
