@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "write_bytes_atomic"]
 
 
 @contextmanager
@@ -33,15 +33,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     Raises:
         OSError: the folder cannot be created or written (the caller names the file in its error).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:  # another writer drew the same token: draw again
-            continue
-        os.close(fd)
-        break
+    tmp, fd = _create_temporary(path)
+    os.close(fd)
     try:
         yield tmp
         if tmp.stat().st_size == 0:
@@ -52,3 +45,36 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write already-encoded `data` to `path` atomically, with one file creation.
+
+    The same guarantees as `atomic_path`, for content encoded in memory: the temporary file is
+    created, written and closed through one descriptor, then renamed over `path`.
+
+    Raises:
+        OSError: the folder cannot be created or written, or `data` is empty.
+    """
+    if not data:
+        raise OSError(f"writing {path} produced an empty file")
+    tmp, fd = _create_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _create_temporary(path: Path) -> tuple[Path, int]:
+    """Create a new hidden file beside `path` (its folder made if missing); return it and an
+    open write descriptor. The name is `.<stem>.<random>.tmp<suffix>`, drawn until unused."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # another writer drew the same token: draw again
+            continue

@@ -10,6 +10,7 @@ Every file is written atomically (`cosa.serving.atomic.atomic_path`).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from cosa.errors import ConfigError
-from cosa.serving.atomic import atomic_path
+from cosa.serving.atomic import atomic_path, write_bytes_atomic
 
 __all__ = [
     "MASK_FORMATS",
@@ -114,9 +115,13 @@ def write_mask(mask: np.ndarray, path: Path, fmt: MaskFormat, lut: np.ndarray) -
     """
     if fmt == "png":
         img = Image.fromarray(_as_ids_u8(mask))  # mode "L"; putpalette makes it "P"
-        img.putpalette(lut.reshape(-1).tolist())
-        with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+        img.putpalette(lut.tobytes(), rawmode="RGB")
+        # Encoded in memory, then written through one descriptor: a save to the temporary path
+        # would create, close and reopen the file (file system calls cost about as much CPU as
+        # encoding a mask this small).
+        encoded = io.BytesIO()
+        img.save(encoded, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+        write_bytes_atomic(path, encoded.getvalue())
     elif fmt == "npy":
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(mask, dtype=np.int32))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cosa.errors import ConfigError
-from cosa.serving.atomic import atomic_path
+from cosa.serving.atomic import atomic_path, write_bytes_atomic
 from cosa.serving.masks import (
     blend_overlay,
     colorize,
@@ -111,14 +111,39 @@ def test_atomic_path_refuses_an_empty_result(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_write_bytes_atomic(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "m.png"
+    write_bytes_atomic(target, b"first")
+    write_bytes_atomic(target, b"second")  # replaces
+    assert target.read_bytes() == b"second"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(OSError, match="empty file"):
+        write_bytes_atomic(target, b"")
+    assert target.read_bytes() == b"second"
+    assert [p.name for p in target.parent.iterdir()] == ["m.png"]  # no temp left
+
+
 def test_interrupted_mask_write_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
-        Path(str(fp)).write_bytes(b"\x89PNG half")
+    mask, lut = np.zeros((2, 2), np.int32), palette_lut(PALETTE)
+
+    def encoder_dies(self: Image.Image, *args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Image.Image, "save", boom)
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", encoder_dies)
+        with pytest.raises(KeyboardInterrupt):
+            write_mask(mask, tmp_path / "m.png", "png", lut)
+    assert list(tmp_path.iterdir()) == []
+
+    def rename_dies(src: object, dst: object) -> None:
+        assert Path(str(src)).read_bytes().startswith(b"\x89PNG")  # written in full, not moved
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", rename_dies)
     with pytest.raises(KeyboardInterrupt):
-        write_mask(np.zeros((2, 2), np.int32), tmp_path / "m.png", "png", palette_lut(PALETTE))
+        write_mask(mask, tmp_path / "m.png", "png", lut)
     assert list(tmp_path.iterdir()) == []
