@@ -270,7 +270,7 @@ def demo(
     """The embedded default: train on synthetic data, export to ONNX, segment test images."""
     from cosa.config import resolve
     from cosa.export.pipeline import ExportOptions, export_artifacts
-    from cosa.serving.runners import open_runner
+    from cosa.serving.runners import default_parallel_calls, open_runner
     from cosa.serving.segment import segment_inputs
     from cosa.train.launch import launch
 
@@ -283,7 +283,9 @@ def demo(
     test_list = run / "data" / "ImageSets" / "Segmentation" / "test.txt"
     names = test_list.read_text().split()[:images]
     inputs = [str(run / "data" / "JPEGImages" / f"{name}.jpg") for name in names]
-    runner = open_runner(out / "export", backend="onnxruntime")
+    runner = open_runner(
+        out / "export", backend="onnxruntime", parallel_calls=default_parallel_calls()
+    )
     try:
         seg = segment_inputs(inputs, out / "masks", runner, overlay=True, progress=True)
     finally:
@@ -447,11 +449,16 @@ def segment(
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Segment images; bad files are reported and skipped (exit code 1 if any failed)."""
-    from cosa.serving.runners import open_runner
+    from cosa.serving.runners import default_parallel_calls, open_runner
     from cosa.serving.segment import segment_inputs
 
     runner = open_runner(
-        model, backend=backend.value, url=url, protocol=protocol.value, precision=precision
+        model,
+        backend=backend.value,
+        url=url,
+        protocol=protocol.value,
+        precision=precision,
+        parallel_calls=default_parallel_calls(),
     )
     try:
         summary = segment_inputs(

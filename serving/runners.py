@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -50,7 +51,12 @@ DEFAULT_TRITON_MODEL = "cosa_seg"  # `cosa triton repo`'s default model name
 
 @runtime_checkable
 class Runner(Protocol):
-    """What the batch and stream pipelines need from a backend (the Triton client included)."""
+    """What the batch and stream pipelines need from a backend (the Triton client included).
+
+    A runner may also have `parallel_calls: int`, the number of concurrent `infer` calls it
+    serves better than one call at a time (`OnnxRuntimeRunner` on CPU); the segment pipeline
+    keeps that many calls running. Without it, calls are made one at a time.
+    """
 
     @property
     def spec(self) -> ModelSpec:
@@ -221,6 +227,7 @@ class OnnxRuntimeRunner(_Closing):
         precision: str | None = None,
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
+        parallel_calls: int = 1,
         allow_spinning: bool = False,
         return_logits: bool = False,
         fused: bool = True,
@@ -232,8 +239,14 @@ class OnnxRuntimeRunner(_Closing):
             precision: artifact precision to pick from the folder (see `resolve_artifact`).
             providers: onnxruntime execution providers in priority order; default CUDA then CPU
                 when the CUDA provider is installed, else CPU.
-            intra_op_threads: threads inside one operator; 0 lets onnxruntime use one per
-                physical core.
+            intra_op_threads: threads inside one operator; 0: one per physical core
+                (onnxruntime's default) when `parallel_calls` is 1, else the CPUs divided
+                among the parallel calls.
+            parallel_calls: concurrent `infer` calls this runner is meant to serve (its
+                `parallel_calls` attribute; the segment pipeline keeps that many running). On
+                CPU, two calls of half the threads each beat one call of all threads (see
+                `default_parallel_calls`). With the CUDA provider it is 1 whatever is asked (the
+                calls would share one stream).
             allow_spinning: let idle onnxruntime threads busy-wait for the next operator. Off by
                 default: the segment pipeline's decoder and encoder threads need those cores
                 (on 2 shared cores, spinning halved both model-only and end-to-end images/s of
@@ -264,6 +277,10 @@ class OnnxRuntimeRunner(_Closing):
             raise ConfigError(
                 f"onnxruntime providers {unknown} are not installed; available: {available}"
             )
+        if parallel_calls < 1:
+            raise ConfigError(f"parallel_calls must be at least 1, got {parallel_calls}")
+        if parallel_calls > 1 and intra_op_threads == 0:
+            intra_op_threads = max(1, (os.cpu_count() or 1) // parallel_calls)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -298,7 +315,14 @@ class OnnxRuntimeRunner(_Closing):
                 f"input '{INPUT_NAME}' and outputs '{LOGITS_NAME}', '{MASK_NAME}'; re-export "
                 "with cosa export"
             )
-        log.info("onnxruntime %s on %s", self.path, self._session.get_providers())
+        on_cuda = self._session.get_providers()[0] == "CUDAExecutionProvider"
+        self.parallel_calls = 1 if on_cuda else parallel_calls
+        log.info(
+            "onnxruntime %s on %s, %d parallel call(s)",
+            self.path,
+            self._session.get_providers(),
+            self.parallel_calls,
+        )
 
     @property
     def spec(self) -> ModelSpec:
@@ -573,6 +597,7 @@ def open_runner(
     precision: str | None = None,
     triton_model: str = DEFAULT_TRITON_MODEL,
     threads: int = 0,
+    parallel_calls: int = 1,
     return_logits: bool = False,
 ) -> Runner:
     """Open the runner `cosa segment` / `cosa stream` use.
@@ -588,6 +613,8 @@ def open_runner(
         precision: artifact precision inside an export folder (onnxruntime only).
         triton_model: model name in the Triton repository.
         threads: onnxruntime intra-op threads (0: onnxruntime's default).
+        parallel_calls: concurrent calls an onnxruntime runner serves (see `OnnxRuntimeRunner`;
+            `default_parallel_calls()` for throughput); other backends ignore it.
         return_logits: runners also return "logits" (local backends).
 
     Returns:
@@ -635,8 +662,22 @@ def open_runner(
             "(cosa export CKPT --out DIR) and pass DIR"
         )
     return OnnxRuntimeRunner(
-        model, precision=precision, intra_op_threads=threads, return_logits=return_logits
+        model,
+        precision=precision,
+        intra_op_threads=threads,
+        parallel_calls=parallel_calls,
+        return_logits=return_logits,
     )
+
+
+def default_parallel_calls() -> int:
+    """Concurrent calls for throughput on this machine: 2 with two CPUs or more, else 1.
+
+    On 2 CPUs two single-thread calls ran the model faster than one two-thread call (most at
+    batch 1: no operator waits for its slowest thread; benchmarks/results/serving.md) and made
+    `cosa segment` faster end to end (benchmarks/results/segment_ab_parallel.md).
+    """
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def _guess_backend(model: Path) -> str:

@@ -1,13 +1,17 @@
 """`cosa segment`: images, folders and globs to mask files, with decoding and encoding overlapped
 with inference, and memory bounded whatever the number of images.
 
-Pipeline (one process, three stages):
+Pipeline (one process, four stages):
 
-    decode threads ---(in order)---> size groups ---(batches)---> runner.infer ---> encode threads
-    load_image()       <= prefetch       <= window      main thread         <= encode_queue
+    decode threads --(in order)--> size groups, float batches --(ready)--> runner.infer --> encode
+    load_image()      <= prefetch    batching thread, <= window    <= ready    main thread   threads
 
 - Decoding runs `decode_workers` threads at most `prefetch` images ahead of inference (Pillow and
   onnxruntime release the GIL, so decoding overlaps inference).
+- A batching thread collects decoded images in order, groups them by size and converts each batch
+  to the float32 deploy input, keeping up to `ready` batches built ahead. The main thread does
+  nothing between two model calls but hand the masks to the encoders, so the model never waits for
+  Python (building batches on the inference thread left the cores idle between calls).
 - The deploy graph takes any H, W but a batch has one size, and masks must have each image's own
   displayed size (no resizing, no padding: padding changes what the model sees near the border).
   Decoded images therefore wait in per-size groups; a group is inferred when it holds `batch_size`
@@ -28,9 +32,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +46,7 @@ from tqdm import tqdm
 
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.export.spec import MASK_NAME
+from cosa.serving.background import ordered_map, prefetch
 from cosa.serving.discovery import InputItem, discover_inputs
 from cosa.serving.images import SUPPORTED_SUFFIXES, ImageReadError, load_image
 from cosa.serving.masks import (
@@ -112,15 +118,18 @@ class PipelineLimits:
     Attributes:
         prefetch: images being decoded or decoded ahead of grouping.
         window: decoded images waiting in size groups.
+        ready: batches converted and waiting for the model (>= 1).
         encode_queue: images whose outputs are being written (or wait for a writer).
-        in_flight: batches handed to a backend with `infer_many` (the Triton client) and not yet
-            answered; local runners run one batch at a time whatever this says.
+        in_flight: batches handed to the backend and not yet answered: up to this many with
+            `infer_many` (the Triton client), up to `parallel_calls + 1` with a local runner
+            that serves parallel calls, else one.
     """
 
     prefetch: int
     window: int
     encode_queue: int
     in_flight: int
+    ready: int = 2
 
     @classmethod
     def for_batch(
@@ -136,8 +145,10 @@ class PipelineLimits:
 
     def max_images(self, batch_size: int) -> int:
         """Upper bound of decoded images alive at once: every queue full, plus the group being
-        assembled and the batches in flight."""
-        return self.prefetch + self.window + self.encode_queue + (self.in_flight + 1) * batch_size
+        assembled, the batches ready for the model (one more blocked handing over) and the
+        batches in flight."""
+        batches = self.in_flight + self.ready + 2
+        return self.prefetch + self.window + self.encode_queue + batches * batch_size
 
 
 Group = list[tuple[InputItem, np.ndarray]]
@@ -215,7 +226,8 @@ def segment_inputs(
         decode_workers: image decoding threads.
         encode_workers: mask writing threads.
         max_in_flight: batches outstanding at once with a backend that has `infer_many` (the
-            Triton client: concurrent requests are what its dynamic batcher merges).
+            Triton client: concurrent requests are what its dynamic batcher merges); also caps
+            a local runner's `parallel_calls`.
         limits: queue bounds; default `PipelineLimits.for_batch(...)` (overrides the above).
 
     Returns:
@@ -297,7 +309,8 @@ def _outputs_exist(item: InputItem, out: Path, fmt: MaskFormat, overlay: bool) -
 
 
 class _Pipeline:
-    """One run's state: counters and failures are touched by the main thread only."""
+    """One run's state. Decode failures are reported by the batching thread, everything else by
+    the main thread; `_lock` guards the counters, the failure list and the progress bar."""
 
     def __init__(
         self,
@@ -319,6 +332,7 @@ class _Pipeline:
         self.processed = 0
         self.failed: list[Failure] = []
         self._bar: tqdm | None = None
+        self._lock = threading.Lock()
         self._encoding: deque[tuple[InputItem, Future[None]]] = deque()
 
     def run(
@@ -328,9 +342,14 @@ class _Pipeline:
         decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="cosa-decode")
         encoder = ThreadPoolExecutor(encode_workers, thread_name_prefix="cosa-encode")
         in_flight: deque[Group] = deque()  # groups handed to the runner, result pending
+        ready = prefetch(
+            self._batches(self._groups(items, decoder)),
+            depth=self.limits.ready,
+            name="cosa-batch",
+        )
+        results = self._results(self._requests(ready, in_flight))
         try:
-            requests = self._requests(self._groups(items, decoder), in_flight)
-            for result in self._results(requests):
+            for result in results:
                 group = in_flight.popleft()
                 if isinstance(result, BaseException):
                     self._fail_group(group, result)
@@ -339,8 +358,11 @@ class _Pipeline:
             while self._encoding:
                 self._collect_oldest()
         finally:
-            # On an abort (server down, Ctrl-C): drop queued work, let running writes finish
-            # (each is atomic), never leave a thread writing after we return.
+            # On an abort (server down, Ctrl-C): wait for the model calls running, stop the
+            # batching thread (it submits decodes), drop queued work, let running writes finish
+            # (each is atomic), never leave a thread working after we return.
+            results.close()
+            ready.close()
             decoder.shutdown(wait=True, cancel_futures=True)
             encoder.shutdown(wait=True, cancel_futures=True)
             self._bar = None
@@ -366,29 +388,49 @@ class _Pipeline:
                 del image
         yield from grouper.drain()
 
-    def _requests(self, groups: Iterator[Group], in_flight: deque[Group]) -> Iterator[np.ndarray]:
-        """Deploy-graph batches, float32 (N, 3, H, W); each group waits in `in_flight`."""
+    @staticmethod
+    def _batches(groups: Iterator[Group]) -> Iterator[tuple[Group, np.ndarray]]:
+        """Each group with its deploy-graph batch, float32 (N, 3, H, W)."""
         for group in groups:
+            yield group, images_to_batch([image for _, image in group])
+
+    @staticmethod
+    def _requests(
+        ready: Iterator[tuple[Group, np.ndarray]], in_flight: deque[Group]
+    ) -> Iterator[np.ndarray]:
+        """The batches of `ready`; each group waits in `in_flight` until its result is in."""
+        for group, batch in ready:
             in_flight.append(group)
-            yield images_to_batch([image for _, image in group])
+            yield batch
 
     def _results(
         self, requests: Iterator[np.ndarray]
-    ) -> Iterator[dict[str, np.ndarray] | Exception]:
+    ) -> Generator[dict[str, np.ndarray] | Exception, None, None]:
         """Results in request order; a per-batch input problem comes back as the exception.
 
         A backend with `infer_many` (the Triton client) gets `in_flight` requests at once, which
-        is what lets the server's dynamic batcher merge them; local runners take one at a time.
+        is what lets the server's dynamic batcher merge them; a local runner gets its
+        `parallel_calls` (at most `in_flight`) at once, else one at a time.
         """
         infer_many = getattr(self.runner, "infer_many", None)
         if infer_many is not None and self.limits.in_flight > 1:
             yield from infer_many(requests, max_in_flight=self.limits.in_flight)
             return
+        parallel = min(getattr(self.runner, "parallel_calls", 1), self.limits.in_flight)
+        if parallel > 1:
+            yield from ordered_map(
+                self._infer, requests, parallel, window=min(parallel + 1, self.limits.in_flight)
+            )
+            return
         for batch in requests:
-            try:
-                yield self.runner.infer(batch)
-            except (InputError, MemoryError) as exc:  # e.g. outside a TensorRT profile
-                yield exc
+            yield self._infer(batch)
+
+    def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray] | Exception:
+        """One local call; an input problem of this batch alone comes back as the exception."""
+        try:
+            return self.runner.infer(batch)
+        except (InputError, MemoryError) as exc:  # e.g. outside a TensorRT profile
+            return exc
 
     def _decoded(self, item: InputItem, future: Future[np.ndarray]) -> np.ndarray | None:
         try:
@@ -444,13 +486,15 @@ class _Pipeline:
         except ValueError as exc:  # ids outside 0-255 for a palette PNG
             self._fail(item, f"cannot encode the mask: {exc}; use --format npy")
             return
-        self.processed += 1
-        if self._bar is not None:
-            self._bar.update(1)
+        with self._lock:
+            self.processed += 1
+            if self._bar is not None:
+                self._bar.update(1)
 
     def _fail(self, item: InputItem, reason: str) -> None:
         log.warning("%s: %s", item.path, reason)
-        self.failed.append(Failure(str(item.path), reason))
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(failed=len(self.failed), refresh=False)
+        with self._lock:
+            self.failed.append(Failure(str(item.path), reason))
+            if self._bar is not None:
+                self._bar.update(1)
+                self._bar.set_postfix(failed=len(self.failed), refresh=False)

@@ -20,6 +20,7 @@ from serving_fixtures import (
 )
 
 from cosa.errors import ConfigError, InputError, ServingError
+from cosa.export.spec import MASK_NAME
 from cosa.serving import segment as segment_module
 from cosa.serving.images import load_image
 from cosa.serving.runners import OnnxRuntimeRunner
@@ -250,9 +251,10 @@ def test_runner_input_errors_fail_those_images_only(tmp_path: Path) -> None:
 
 
 class BrokenRunner(FakeRunner):
-    def __init__(self, fail_after: int) -> None:
+    def __init__(self, fail_after: int, parallel_calls: int = 1) -> None:
         super().__init__()
         self.fail_after = fail_after
+        self.parallel_calls = parallel_calls
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         if len(self.batches) >= self.fail_after:
@@ -260,18 +262,54 @@ class BrokenRunner(FakeRunner):
         return super().infer(images)
 
 
-def test_server_errors_stop_the_run_and_leave_only_complete_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel_calls", [1, 2])
+def test_server_errors_stop_the_run_and_leave_only_complete_files(
+    tmp_path: Path, parallel_calls: int
+) -> None:
     for i in range(10):
         save(rgb(8, 8), tmp_path / "in" / f"{i}.png")
+    runner = BrokenRunner(fail_after=2, parallel_calls=parallel_calls)
     with pytest.raises(ServingError, match="not reachable"):
-        segment_inputs(
-            [str(tmp_path / "in")], tmp_path / "out", BrokenRunner(fail_after=2), batch_size=2
-        )
+        segment_inputs([str(tmp_path / "in")], tmp_path / "out", runner, batch_size=2)
     written = all_files(tmp_path / "out")
     assert len(written) <= 4
     assert_no_partial_files(tmp_path / "out")
     for path in written:
         assert Image.open(path).size == (8, 8)
+    # Nothing keeps working after the error: decoders, batching thread, model calls, encoders.
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("cosa-")]
+
+
+class TransposingRunner(FakeRunner):
+    """A broken model: its masks come back (N, W, H)."""
+
+    def __init__(self, parallel_calls: int) -> None:
+        super().__init__(delay=0.005)
+        self.parallel_calls = parallel_calls
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return {MASK_NAME: super().infer(images)[MASK_NAME].transpose(0, 2, 1)}
+
+
+@pytest.mark.parametrize("parallel_calls", [1, 2])
+def test_a_model_with_wrong_mask_shapes_stops_the_run_cleanly(
+    tmp_path: Path, parallel_calls: int
+) -> None:
+    for i in range(12):
+        save(rgb(8, 12), tmp_path / "in" / f"{i}.png")
+    runner = TransposingRunner(parallel_calls)
+    try:
+        segment_inputs([str(tmp_path / "in")], tmp_path / "out", runner, batch_size=2)
+    except ServingError as error:  # not pytest.raises: its exit drops the failed frames
+        # The error came from the main thread while model calls, decodes and the batching
+        # thread were running: all are stopped before segment_inputs raises, even while the
+        # traceback (the CLI still holds it when it reports) keeps the pipeline's frames alive.
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("cosa-")]
+        assert alive == []
+        assert "masks of shape (2, 12, 8)" in str(error) and "check the artifact" in str(error)
+    else:
+        pytest.fail("a model returning transposed masks must stop the run")
+    assert all_files(tmp_path / "out") == []
 
 
 def test_write_failures_are_reported_per_file(tmp_path: Path) -> None:
@@ -357,3 +395,49 @@ def test_clients_get_several_batches_in_flight(tmp_path: Path) -> None:
     for name, array in arrays.items():
         mask = np.asarray(Image.open(tmp_path / "out" / name))
         np.testing.assert_array_equal(mask, expected_fake_mask(array))
+
+
+class ParallelRunner(FakeRunner):
+    """A runner double with `parallel_calls`: records how many `infer` calls run at once."""
+
+    def __init__(self, parallel_calls: int, fail_width: int | None = None) -> None:
+        super().__init__(delay=0.02)  # long enough for decoding to keep every slot busy
+        self.parallel_calls = parallel_calls
+        self.fail_width = fail_width
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            if images.shape[-1] == self.fail_width:
+                raise InputError(f"width {self.fail_width} is outside the engine's profile")
+            return super().infer(images)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("parallel_calls", [1, 2, 3])
+def test_runners_with_parallel_calls_get_that_many_at_once(
+    tmp_path: Path, parallel_calls: int
+) -> None:
+    arrays = {f"{i:02d}.png": rgb(8, 8 + 4 * (i % 3)) for i in range(30)}
+    for name, array in arrays.items():
+        save(array, tmp_path / "in" / name)
+    runner = ParallelRunner(parallel_calls, fail_width=16)
+    summary = segment_inputs([str(tmp_path / "in")], tmp_path / "out", runner, batch_size=2)
+    assert runner.peak == parallel_calls
+    assert summary.processed == 20  # the 10 images of width 16 fail, in their own batches
+    assert sorted(Path(f.path).name for f in summary.failed) == sorted(
+        name for name, array in arrays.items() if array.shape[1] == 16
+    )
+    assert all("outside the engine's profile" in f.error for f in summary.failed)
+    for name, array in arrays.items():
+        if array.shape[1] != 16:
+            mask = np.asarray(Image.open(tmp_path / "out" / name))
+            np.testing.assert_array_equal(mask, expected_fake_mask(array))
+    assert_no_partial_files(tmp_path / "out")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import sys
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from cosa.serving.runners import (
     TensorRTRunner,
     TorchRunner,
     check_profile,
+    default_parallel_calls,
     images_to_batch,
     open_runner,
 )
@@ -66,6 +69,28 @@ def test_onnxruntime_runner_accepts_the_onnx_file_and_returns_only_masks(
     runner = OnnxRuntimeRunner(tiny.folder / "model.onnx", intra_op_threads=1)
     assert set(runner.infer(batch(1, 32, 32))) == {"mask"}
     runner.close()
+
+
+def test_onnxruntime_parallel_calls_split_the_cpus_and_compute_the_same(
+    tiny: TinyArtifacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert default_parallel_calls() == 2
+    images = [batch(2, 40, 56), batch(1, 33, 47), batch(3, 64, 64), batch(1, 16, 16)]
+    with (
+        OnnxRuntimeRunner(tiny.folder) as one,
+        OnnxRuntimeRunner(tiny.folder, parallel_calls=2) as two,
+    ):
+        assert one.parallel_calls == 1 and two.parallel_calls == 2
+        assert two._session.get_session_options().intra_op_num_threads == 2  # 4 CPUs / 2 calls
+        with ThreadPoolExecutor(2) as pool:  # concurrent calls on one session
+            masks = list(pool.map(lambda b: two.infer(b)["mask"], images))
+        for image, mask in zip(images, masks, strict=True):
+            np.testing.assert_array_equal(mask, one.infer(image)["mask"])
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert default_parallel_calls() == 1
+    with pytest.raises(ConfigError, match="parallel_calls must be at least 1"):
+        OnnxRuntimeRunner(tiny.folder, parallel_calls=0)
 
 
 def test_torch_and_onnxruntime_masks_agree(tiny: TinyArtifacts) -> None:
