@@ -38,6 +38,9 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params["intra_op_num_threads"])
+        # No busy-waiting between operators: the server's own threads (gRPC, the stub's shared
+        # memory hand-offs) and other instances need those cores (as in cosa.serving.runners).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             path, sess_options=options, providers=["CPUExecutionProvider"]
         )
