@@ -10,28 +10,34 @@ random weights: speed does not depend on them) with torch.onnx (dynamo). Needs `
 
 Rows (images/s of the median of --rounds interleaved rounds, after one warm-up round; latency
 per request or frame over all rounds):
-    local_ort_b1 / local_ort_b8   model only: a plain onnxruntime session in this process
-                                  (onnxruntime's default options), batch 1 / batch --max-batch
+    local_ort_b1 / local_ort_b8   model only: `OnnxRuntimeRunner` in this process, one call at
+                                  a time with every core (batch 1 / batch --max-batch)
+    local_ort_b1_par              model only: batch-1 calls on the runner `cosa segment` opens
+                                  (`default_parallel_calls()` concurrent calls, cores split)
     triton_seq_grpc / _http       sequential batch-1 requests (one at a time)
     triton_concurrent             batch-1 requests, --concurrency in flight, dynamic batching on
-                                  the server (max batch --max-batch)
+                                  the server (max batch --max-batch, --instances instances)
     triton_stream                 gRPC bidirectional stream of frames, 4 in flight
     triton_ensemble               JPEG bytes in, palette PNG bytes out (pre/post on the server)
     runner_ort_bB                 model only: the runner `cosa segment` opens (`open_runner`,
-                                  backend onnxruntime) on already decoded float32 batches of B
-                                  (--segment-batch) images decoded from the JPEG folder below
+                                  backend onnxruntime, its parallel calls) on already decoded
+                                  float32 batches of B (--segment-batch) images decoded from the
+                                  JPEG folder below, calls kept running as the pipeline does
     segment_ort_bB                end to end in this process: `segment_inputs` on a folder of
                                   --images JPEGs of --height x --width, same runner, batch B,
                                   palette PNG masks written (decode, batching, encode included)
+    runner_ort_bB_1call /         the same two with a runner of one call at a time over every
+    segment_ort_bB_1call          core (what `cosa segment` ran before parallel calls)
     segment_cli_*                 `cosa segment` as a subprocess (interpreter start included) on
                                   50 and 500 JPEGs of the same size: throughput and peak RSS
 
-Serving overhead = 1 - triton_concurrent / best local throughput (target <= 10%). On a CPU machine
-the server's onnxruntime, the client and the stubs share the same cores, so batching cannot add
-compute; what this shows is the cost of the serving path.
+Serving overhead = 1 - triton_concurrent / best local model-only throughput, any local row
+(target <= 10%). On a CPU machine the server's onnxruntime, the client and the stubs share the
+same cores, so batching cannot add compute; what this shows is the cost of the serving path. The
+summary adds the CPU ms per image of the client, the server and its python-backend stubs.
 
-End to end / model only = median over --segment-rounds paired rounds of segment_ort_bB /
-runner_ort_bB images/s, the two run back to back in each round (target >= 0.9). The summary adds
+End to end / model only = median over --segment-rounds paired rounds of segment_ort_bB / the
+better of the two model-only rows of the same round (target >= 0.9). The summary adds
 process CPU ms per image of both and a per-image breakdown (CPU and wall ms) of the pipeline's
 stages run alone (decode, to_batch, model, png_write): on a machine whose cores the model already
 fills, decode and encode cannot hide behind inference, so their share of the CPU work bounds the
@@ -61,9 +67,16 @@ import numpy as np
 from PIL import Image
 
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec, ShapeProfile, write_spec
+from cosa.serving.background import ordered_map
 from cosa.serving.images import load_image
 from cosa.serving.masks import palette_lut, write_mask
-from cosa.serving.runners import Runner, images_to_batch, open_runner
+from cosa.serving.runners import (
+    OnnxRuntimeRunner,
+    Runner,
+    default_parallel_calls,
+    images_to_batch,
+    open_runner,
+)
 from cosa.serving.segment import segment_inputs
 from cosa.serving.triton_client import TritonSegmentationClient
 from cosa.serving.triton_repo import write_repository
@@ -169,18 +182,31 @@ def call_latencies(call: Callable[[Any], object], items: Iterable[Any]) -> list[
     return latencies
 
 
-def local_cases(model: Path, images: np.ndarray, batch: int) -> list[Case]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+def local_cases(
+    one_call: OnnxRuntimeRunner, parallel: OnnxRuntimeRunner, images: np.ndarray, batch: int
+) -> list[Case]:
+    """Model only on local onnxruntime: one call at a time (batch 1, `batch`) with latencies,
+    and batch-1 calls kept running on `parallel` as `cosa segment` keeps them."""
 
     def run(size: int) -> list[float]:
         batches = (images[i : i + size] for i in range(0, len(images), size))
-        return call_latencies(lambda batch: session.run([MASK_NAME], {INPUT_NAME: batch}), batches)
+        return call_latencies(one_call.infer, batches)
 
+    def run_parallel() -> None:
+        singles = (images[i : i + 1] for i in range(len(images)))
+        for _ in ordered_map(parallel.infer, singles, parallel.parallel_calls):
+            pass
+
+    calls = parallel.parallel_calls
     return [
         Case("local_ort_b1", len(images), lambda: run(1), "model only, batch 1"),
         Case(f"local_ort_b{batch}", len(images), lambda: run(batch), f"model only, batch {batch}"),
+        Case(
+            "local_ort_b1_par",
+            len(images),
+            run_parallel,
+            f"model only, batch 1, {calls} parallel calls",
+        ),
     ]
 
 
@@ -230,6 +256,43 @@ def triton_cases(
     ]
 
 
+def group_cpu_seconds(group: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each live process in process group `group`, by
+    "name:pid" (Linux /proc; the Triton server runs in its own group with its stubs)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    usage = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == group:  # pgrp
+            usage[f"{name}:{entry.name}"] = (int(fields[11]) + int(fields[12])) / ticks
+    return usage
+
+
+def triton_cpu_breakdown(
+    server: TritonServer, client: TritonSegmentationClient, images: np.ndarray, concurrency: int
+) -> dict[str, float]:
+    """CPU ms per image of the triton_concurrent path, split into client (this process), server
+    (tritonserver) and stubs (python-backend processes running the models), over one pass."""
+    singles = [images[i : i + 1] for i in range(len(images))]
+    group = server.pid or 0
+    before, cpu_start = group_cpu_seconds(group), time.process_time()
+    for _ in client.infer_many(iter(singles), max_in_flight=concurrency):
+        pass
+    client_s, after = time.process_time() - cpu_start, group_cpu_seconds(group)
+    split = {"client": client_s, "server": 0.0, "stubs": 0.0}
+    for key, seconds in after.items():
+        part = "server" if key.startswith("tritonserver") else "stubs"
+        split[part] += seconds - before.get(key, 0.0)
+    return {part: 1000.0 * seconds / len(images) for part, seconds in split.items()}
+
+
 def jpeg_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image.transpose(1, 2, 0).astype(np.uint8)).save(buffer, "JPEG", quality=90)
@@ -254,29 +317,41 @@ def decoded_batches(folder: Path, batch: int) -> list[np.ndarray]:
     return [images_to_batch(images[i : i + batch]) for i in range(0, len(images), batch)]
 
 
-def segment_cases(runner: Runner, folder: Path, out: Path, batch: int) -> list[Case]:
+def segment_cases(
+    runner: OnnxRuntimeRunner,
+    folder: Path,
+    out: Path,
+    batch: int,
+    suffix: str = "",
+) -> list[Case]:
     """Model only and end to end on one runner, same images, same batch size; listed back to
-    back so that each round measures them next to each other."""
+    back so that each round measures them next to each other. Model only keeps the runner's
+    `parallel_calls` running, as the pipeline does."""
     batches = decoded_batches(folder, batch)
     count = sum(len(b) for b in batches)
+    calls = runner.parallel_calls
 
-    def model_only() -> list[float]:
-        return call_latencies(runner.infer, batches)
+    def model_only() -> None:
+        for _ in (
+            ordered_map(runner.infer, batches, calls) if calls > 1 else map(runner.infer, batches)
+        ):
+            pass
 
     def end_to_end() -> None:
         summary = segment_inputs([str(folder)], out, runner, batch_size=batch)
         if summary.processed != count or summary.failed:
             raise RuntimeError(f"segment_inputs processed {summary.processed} of {count} images")
 
+    how = f"{calls} parallel calls" if calls > 1 else "one call at a time"
     return [
         Case(
-            f"runner_ort_b{batch}",
+            f"runner_ort_b{batch}{suffix}",
             count,
             model_only,
-            f"model only: the `cosa segment` runner on decoded arrays, batch {batch}",
+            f"model only: runner on decoded arrays, batch {batch}, {how}",
         ),
         Case(
-            f"segment_ort_b{batch}",
+            f"segment_ort_b{batch}{suffix}",
             count,
             end_to_end,
             f"segment_inputs in process: JPEG folder to PNG masks, same runner, batch {batch}",
@@ -312,8 +387,14 @@ def pipeline_breakdown(
         since = (time.perf_counter(), time.process_time())
         images = [load_image(path) for path in paths]  # (H, W, 3) uint8 each
         since = clock("decode", since)
-        batches = [images_to_batch(images[i : i + batch]) for i in range(0, len(paths), batch)]
+        starts = range(0, len(paths), batch)
+        # One batch alive at a time, as in the pipeline: keeping them all would time first-touch
+        # page faults of fresh memory instead of the conversion.
+        for i in starts:
+            images_to_batch(images[i : i + batch])
         since = clock("to_batch", since)
+        batches = [images_to_batch(images[i : i + batch]) for i in starts]
+        since = (time.perf_counter(), time.process_time())
         masks = [mask for b in batches for mask in runner.infer(b)[MASK_NAME]]  # (H, W) each
         since = clock("model", since)
         for path, mask in zip(paths, masks, strict=True):
@@ -334,17 +415,18 @@ def segment_summary(
 ) -> dict[str, Any]:
     """End to end / model only from the paired rounds of `segment_cases`, against the target."""
     model = rows[f"runner_ort_b{batch}"]
+    one_call = rows[f"runner_ort_b{batch}_1call"]
     e2e = rows[f"segment_ort_b{batch}"]
-    paired = [
-        e / m for e, m in zip(e2e["rounds_images_per_s"], model["rounds_images_per_s"], strict=True)
-    ]
+    best_model = np.maximum(model["rounds_images_per_s"], one_call["rounds_images_per_s"])
+    paired = [e / m for e, m in zip(e2e["rounds_images_per_s"], best_model, strict=True)]
     ratio = float(np.median(paired))
     model_cpu = breakdown["model"]["cpu_ms"]
     others_cpu = sum(cost["cpu_ms"] for stage, cost in breakdown.items() if stage != "model")
     return {
         "batch": batch,
-        "model_only_ips": model["images_per_s"],
+        "model_only_ips": max(model["images_per_s"], one_call["images_per_s"]),
         "end_to_end_ips": e2e["images_per_s"],
+        "end_to_end_1call_ips": rows[f"segment_ort_b{batch}_1call"]["images_per_s"],
         "ratio": ratio,
         "ratio_quartiles": [float(q) for q in np.percentile(paired, [25, 75])],
         "rounds_ratio": paired,
@@ -466,8 +548,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Serving overhead at concurrency {summary['concurrency']}: "
         f"{summary['serving_overhead'] * 100:.1f}% (target <= 10%): triton_concurrent "
-        f"{summary['triton_concurrent_ips']:.1f} img/s against the best local "
-        f"{summary['local_best_ips']:.1f} img/s.",
+        f"{summary['triton_concurrent_ips']:.1f} img/s ({summary['instances']} instance(s)) "
+        f"against the best local {summary['local_best_ips']:.1f} img/s. CPU ms per image on the "
+        "Triton path: "
+        + ", ".join(f"{part} {ms:.2f}" for part, ms in summary["triton_cpu_ms_per_image"].items())
+        + f" (total {sum(summary['triton_cpu_ms_per_image'].values()):.2f}), against "
+        f"{summary['local_cpu_ms_per_image']:.2f} for local_ort_b1_par.",
         "",
     ]
     lines += segment_markdown(summary["segment_end_to_end"])
@@ -490,9 +576,10 @@ def segment_markdown(seg: dict[str, Any]) -> list[str]:
         f"{'met' if seg['met'] else 'NOT met'}); median of the paired per-round ratios "
         f"{', '.join(f'{r:.2f}' for r in seg['rounds_ratio'])} (quartiles "
         f"{seg['ratio_quartiles'][0]:.2f}-{seg['ratio_quartiles'][1]:.2f}); "
-        f"segment_ort_b{seg['batch']} {seg['end_to_end_ips']:.1f} img/s against "
-        f"runner_ort_b{seg['batch']} {seg['model_only_ips']:.1f} img/s. Process CPU per image, "
-        f"model only / end to end: {seg['cpu_ratio']:.2f}.",
+        f"segment_ort_b{seg['batch']} {seg['end_to_end_ips']:.1f} img/s against the best model "
+        f"only {seg['model_only_ips']:.1f} img/s (segment_ort_b{seg['batch']}_1call: "
+        f"{seg['end_to_end_1call_ips']:.1f} img/s). Process CPU per image, model only / end to "
+        f"end: {seg['cpu_ratio']:.2f}.",
         "",
         "Per-image cost of each stage run alone, CPU ms (wall ms): "
         + ", ".join(
@@ -522,6 +609,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="Triton model instances (onnxruntime threads per instance: CPUs / instances)",
+    )
+    parser.add_argument(
         "--segment-batch", type=int, default=4, help="batch of the segment rows (CLI default 4)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
@@ -544,6 +637,8 @@ def main() -> None:
             .astype(np.float32)
         )
         jpegs = write_jpegs(work / "jpegs", args.images, args.height, args.width, seed=2)
+        # Each python-backend instance is a process with its own onnxruntime pool.
+        threads_per_instance = max(1, (os.cpu_count() or 1) // args.instances)
         repo = write_repository(
             artifact,
             work / "repo",
@@ -551,11 +646,13 @@ def main() -> None:
             max_batch=args.max_batch,
             preferred_batch=(args.max_batch // 2, args.max_batch) if args.max_batch > 1 else (),
             max_queue_delay_us=2000,
+            instances=args.instances,
+            ort_threads=threads_per_instance,
         )
-        local = local_cases(artifact / "model.onnx", images, args.max_batch)
-        runner = open_runner(
-            artifact, "onnxruntime"
-        )  # what `cosa segment --backend onnxruntime` opens
+        # What `cosa segment --backend onnxruntime` opens, and the one-call runner it opened before.
+        runner = open_runner(artifact, "onnxruntime", parallel_calls=default_parallel_calls())
+        one_call = open_runner(artifact, "onnxruntime")
+        local = local_cases(one_call, runner, images, args.max_batch)
         with TritonServer(repo.root) as server:
             clients = {
                 "grpc": TritonSegmentationClient(server.grpc_url, "grpc"),
@@ -563,15 +660,20 @@ def main() -> None:
             }
             try:
                 segment = segment_cases(runner, jpegs, work / "masks", args.segment_batch)
+                segment += segment_cases(
+                    one_call, jpegs, work / "masks_1call", args.segment_batch, suffix="_1call"
+                )
                 rows = run_rounds(
                     local + triton_cases(clients, images, args.concurrency), args.rounds
                 )
+                triton_cpu = triton_cpu_breakdown(server, clients["grpc"], images, args.concurrency)
                 rows.update(run_rounds(segment, args.segment_rounds))
-                breakdown = pipeline_breakdown(runner, jpegs, work / "stages", args.segment_batch)
+                breakdown = pipeline_breakdown(one_call, jpegs, work / "stages", args.segment_batch)
             finally:
                 for client in clients.values():
                     client.close()
                 runner.close()
+                one_call.close()
             if not args.skip_cli:
                 rows.update(
                     segment_cli_rows(
@@ -584,7 +686,8 @@ def main() -> None:
     import onnxruntime
 
     local_best = max(
-        rows["local_ort_b1"]["images_per_s"], rows[f"local_ort_b{args.max_batch}"]["images_per_s"]
+        rows[name]["images_per_s"]
+        for name in ("local_ort_b1", f"local_ort_b{args.max_batch}", "local_ort_b1_par")
     )
     triton = rows["triton_concurrent"]["images_per_s"]
     report = {
@@ -608,6 +711,9 @@ def main() -> None:
             "local_best_ips": local_best,
             "triton_concurrent_ips": triton,
             "serving_overhead": 1.0 - triton / local_best,
+            "instances": args.instances,
+            "triton_cpu_ms_per_image": triton_cpu,
+            "local_cpu_ms_per_image": rows["local_ort_b1_par"]["process_cpu_ms_per_image"],
             "segment_end_to_end": segment_summary(rows, args.segment_batch, breakdown),
             "segment_cli_memory": memory_summary(rows),
         },
