@@ -113,6 +113,17 @@ def test_extra_forward_for_features_when_scale_one_missing(images: torch.Tensor)
     assert torch.equal(out.features, images)
 
 
+def test_cls_logits_come_from_the_unflipped_scale_one_pass(images: torch.Tensor) -> None:
+    def net(x: torch.Tensor) -> NetOutput:
+        # Image logits that tell scales (width factor) and flips (first column) apart.
+        return RampNet()(x)._replace(cls_logits=x[..., 0].mean(-1) * x.shape[-1])
+
+    expected = images[..., 0].mean(-1) * SIZE  # (2, 3): the unflipped images at scale 1.0
+    for scales in [(0.5, 1.0, 1.5), (0.5,)]:
+        out = teacher_forward(net, images, torch.ones(2, 3), scales, flip=True)
+        torch.testing.assert_close(out.cls_logits, expected)
+
+
 def test_runs_without_autograd(images: torch.Tensor) -> None:
     weight = torch.ones(1, requires_grad=True)
 

@@ -101,9 +101,11 @@ class CamQuality:
         x = normalised_image(image, self.device)
         y = torch.from_numpy(label).to(self.device)[None].float()
         # Each class's map is normalised on its own, so the all-classes pass masked afterwards
-        # equals a pass given that label: one teacher pass serves both label sets.
-        every_class = teacher_forward(self.net, x, torch.ones_like(y), self.scales, flip=True).cam
-        predicted = (self.net(x).cls_logits.float().sigmoid() > CLASS_PRESENT_PROBABILITY).float()
+        # equals a pass given that label: one teacher pass serves both label sets, and its
+        # scale-1.0 pass gives the classifier's own labels.
+        teacher = teacher_forward(self.net, x, torch.ones_like(y), self.scales, flip=True)
+        every_class = teacher.cam
+        predicted = (teacher.cls_logits.sigmoid() > CLASS_PRESENT_PROBABILITY).float()
         cam = every_class * y[:, :, None, None]  # (1, C, H, W) in [0, 1], absent classes zero
         self.cam_matrix.update(_cam_segmentation(cam), mask)
         self.cam_predicted_matrix.update(

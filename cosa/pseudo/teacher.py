@@ -26,12 +26,14 @@ class TeacherOutput(NamedTuple):
         seg: (B, C + 1, H, W) float32 seg logits summed over the flip pair and the scales (not
             normalised, so about 2 * len(scales) times a single pass).
         features: (B, D, h, w) float32 final encoder features F at scale 1.0, unflipped.
+        cls_logits: (B, C) float32 image logits of the same scale-1.0 unflipped pass.
     """
 
     cam: Tensor
     aux_cam: Tensor
     seg: Tensor
     features: Tensor
+    cls_logits: Tensor
 
 
 def _normalise_per_class(cam: Tensor) -> Tensor:
@@ -76,8 +78,8 @@ def teacher_forward(
             scale instead of the sum.
 
     Returns:
-        TeacherOutput; `features` come from the scale-1.0 pass (an extra unflipped forward at
-        scale 1.0 is made when 1.0 is not among `scales`).
+        TeacherOutput; `features` and `cls_logits` come from the scale-1.0 pass (an extra
+        unflipped forward at scale 1.0 is made when 1.0 is not among `scales`).
 
     Raises:
         ConfigError: `scales` is empty or holds a non-positive value.
@@ -93,7 +95,7 @@ def teacher_forward(
     cam_sum: Tensor | None = None
     aux_sum: Tensor | None = None
     seg_sum: Tensor | None = None
-    features: Tensor | None = None
+    unflipped: NetOutput | None = None  # the scale-1.0 pass
     for scale in scales:
         scaled = _resize(images, (round(height * scale), round(width * scale)))
         if flip:
@@ -110,15 +112,16 @@ def teacher_forward(
         cam_sum = cam if cam_sum is None else cam_sum + cam
         aux_sum = aux if aux_sum is None or aux_last_scale_only else aux_sum + aux
         seg_sum = seg if seg_sum is None else seg_sum + seg
-        if scale == 1.0 and features is None:
-            features = out.features[:batch].float()
-    if features is None:
-        features = net(images).features.float()
+        if scale == 1.0 and unflipped is None:
+            unflipped = out
+    if unflipped is None:
+        unflipped = net(images)
     assert cam_sum is not None and aux_sum is not None and seg_sum is not None  # scales non-empty
 
     return TeacherOutput(
         cam=_normalise_per_class(cam_sum) * present,
         aux_cam=_normalise_per_class(aux_sum) * present,
         seg=seg_sum,
-        features=features,
+        features=unflipped.features[:batch].float(),
+        cls_logits=unflipped.cls_logits[:batch].float(),
     )
