@@ -85,7 +85,7 @@ class Protocol(str, Enum):
 @data_app.command("synth")
 @reports_errors
 def data_synth(
-    out: Annotated[Path, typer.Argument(help="Folder to create (VOC layout).")],
+    out: Annotated[Path, typer.Argument(help="Folder to create (VOC layout).", metavar="OUT")],
     train: Annotated[int, typer.Option(help="Training images.")] = 400,
     val: Annotated[int, typer.Option(help="Validation images (checkpoint selection).")] = 60,
     test: Annotated[
@@ -188,7 +188,9 @@ def train(
 @app.command("eval")
 @reports_errors
 def eval_(
-    model: Annotated[Path, typer.Argument(help="Checkpoint (.pt) or export folder (spec.json).")],
+    model: Annotated[
+        Path, typer.Argument(help="Checkpoint (.pt) or export folder (spec.json).", metavar="MODEL")
+    ],
     data: Annotated[Path, typer.Option(help="Dataset root.")],
     split: Annotated[str, typer.Option(help="Split to score.")] = "val",
     protocol: Annotated[
@@ -323,7 +325,9 @@ class OrtFusion(str, Enum):
 @app.command()
 @reports_errors
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.pt) written by `cosa train`.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Checkpoint (.pt) written by `cosa train`.", metavar="CHECKPOINT")
+    ],
     out: Annotated[Path, typer.Option(help="Export folder (model.onnx + spec.json, ...).")],
     precision: Annotated[
         Precision, typer.Option(help="Primary artifact precision.")
@@ -421,7 +425,10 @@ class MaskFormat(str, Enum):
 @app.command()
 @reports_errors
 def segment(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders (recursive) or globs.", metavar="INPUT"),
+    ],
     out: Annotated[
         Path, typer.Option(help="Output folder; masks keep the inputs' relative paths.")
     ],
@@ -493,7 +500,9 @@ def segment(
 @app.command()
 @reports_errors
 def stream(
-    source: Annotated[str, typer.Argument(help="Video file, camera index (0) or image glob.")],
+    source: Annotated[
+        str, typer.Argument(help="Video file, camera index (0) or image glob.", metavar="SOURCE")
+    ],
     out: Annotated[Path, typer.Option(help="Output video with overlays (.mp4 or .avi).")],
     model: Annotated[
         Path | None, typer.Option(help="Export folder, .onnx/.plan or checkpoint.")
@@ -572,7 +581,9 @@ def triton_setup(
 @triton_app.command("repo")
 @reports_errors
 def triton_repo(
-    artifact_dir: Annotated[Path, typer.Argument(help="Folder written by `cosa export`.")],
+    artifact_dir: Annotated[
+        Path, typer.Argument(help="Folder written by `cosa export`.", metavar="ARTIFACT_DIR")
+    ],
     out: Annotated[Path, typer.Option(help="Model repository to create.")],
     platform: Annotated[
         Platform, typer.Option(help="Backend of the segmentation model.")
@@ -619,7 +630,9 @@ def triton_repo(
 @triton_app.command("serve")
 @reports_errors
 def triton_serve(
-    repo: Annotated[Path, typer.Argument(help="Model repository (from `cosa triton repo`).")],
+    repo: Annotated[
+        Path, typer.Argument(help="Model repository (from `cosa triton repo`).", metavar="REPO")
+    ],
     http_port: Annotated[int, typer.Option()] = 8000,
     grpc_port: Annotated[int, typer.Option()] = 8001,
     metrics_port: Annotated[int, typer.Option()] = 8002,
