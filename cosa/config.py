@@ -239,8 +239,8 @@ def _demo() -> CosaConfig:
         ),
         pseudo=replace(base.pseudo, scales=(1.0,)),
         # cam2seg at 4.0 instead of the paper's 0.1: with 280 steps after the warm-up, a seg
-        # stream at 0.1 stays far below its own pseudo-labels. Against 0.1, weights 1, 2 and 4
-        # gave +2.4, +3.7 and +5.0 points of test mIoU (two seeds each), 8 gave +6.5 (one seed):
+        # stream at 0.1 stays far below its own pseudo-labels. Against 0.1, weights 1, 2, 4 and 8
+        # gave +2.4, +3.7, +5.0 and +6.1 points of test mIoU (two seeds each):
         # benchmarks/results/wsss_synth_seg_weight.md.
         loss=replace(base.loss, warmup_iters=120, warmup_ramp=40, seg_weight=4.0),
         # Fine-tuning the ImageNet encoder at 3e-4 erased what it knew faster than the heads
