@@ -182,6 +182,14 @@ def call_latencies(call: Callable[[Any], object], items: Iterable[Any]) -> list[
     return latencies
 
 
+def infer_all(runner: OnnxRuntimeRunner, batches: Iterable[np.ndarray]) -> None:
+    """Every batch through `runner`, its `parallel_calls` kept running as the segment pipeline
+    keeps them (one call at a time when it has one)."""
+    calls = runner.parallel_calls
+    for _ in ordered_map(runner.infer, batches, calls) if calls > 1 else map(runner.infer, batches):
+        pass
+
+
 def local_cases(
     one_call: OnnxRuntimeRunner, parallel: OnnxRuntimeRunner, images: np.ndarray, batch: int
 ) -> list[Case]:
@@ -193,9 +201,7 @@ def local_cases(
         return call_latencies(one_call.infer, batches)
 
     def run_parallel() -> None:
-        singles = (images[i : i + 1] for i in range(len(images)))
-        for _ in ordered_map(parallel.infer, singles, parallel.parallel_calls):
-            pass
+        infer_all(parallel, (images[i : i + 1] for i in range(len(images))))
 
     calls = parallel.parallel_calls
     return [
@@ -332,10 +338,7 @@ def segment_cases(
     calls = runner.parallel_calls
 
     def model_only() -> None:
-        for _ in (
-            ordered_map(runner.infer, batches, calls) if calls > 1 else map(runner.infer, batches)
-        ):
-            pass
+        infer_all(runner, batches)
 
     def end_to_end() -> None:
         summary = segment_inputs([str(folder)], out, runner, batch_size=batch)
