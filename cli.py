@@ -519,11 +519,21 @@ def stream(
     max_frames: Annotated[int | None, typer.Option(help="Stop after N frames.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Segment a video or stream frame by frame, in order; report FPS and latency."""
-    from cosa.serving.runners import open_runner
-    from cosa.serving.stream import run_stream
+    """Segment a video or stream frame by frame, in order; report FPS and latency.
 
-    runner = open_runner(model, backend=backend.value, url=url, protocol=protocol.value)
+    Files and image sequences run two frames at once on a local onnxruntime backend with two or
+    more CPUs (more frames per second); a camera runs one at a time (lower latency).
+    """
+    from cosa.serving.runners import default_parallel_calls, open_runner
+    from cosa.serving.stream import is_camera, run_stream
+
+    runner = open_runner(
+        model,
+        backend=backend.value,
+        url=url,
+        protocol=protocol.value,
+        parallel_calls=1 if is_camera(source) else default_parallel_calls(),
+    )
     try:
         summary = run_stream(
             source,

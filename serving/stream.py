@@ -8,8 +8,10 @@ Pipeline (one frame per request, in order, bounded at every stage):
 - A Triton client over gRPC sends the frames on one bidirectional gRPC stream
   (`client.stream(frames, max_in_flight)`); a client without streaming (HTTP) uses
   `infer_many(batches, max_in_flight)`. Either way at most `max_in_flight` requests are outstanding
-  and results come back in frame order. A local runner is called one frame at a time while the
-  reader and writer threads overlap it.
+  and results come back in frame order. A local runner that serves parallel calls
+  (`OnnxRuntimeRunner(parallel_calls=N)`; the CLI asks for them for files and image sequences,
+  not for cameras) gets up to N frames at once, else one frame at a time; either way the reader
+  and writer threads overlap inference.
 - Backpressure: the reader blocks when `max_in_flight` frames wait, so a fast source (a file) never
   runs ahead of inference by more than that; a camera then drops frames in its own driver buffer.
 - Latency of a frame = from handing it to the backend to having its mask (queueing in the in-flight
@@ -46,7 +48,7 @@ from tqdm import tqdm
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.export.spec import MASK_NAME
 from cosa.serving.atomic import atomic_path
-from cosa.serving.background import prefetch
+from cosa.serving.background import ordered_map, prefetch
 from cosa.serving.discovery import is_image_name
 from cosa.serving.images import load_image
 from cosa.serving.masks import blend_overlay, palette_lut, write_mask
@@ -57,6 +59,7 @@ __all__ = [
     "Frame",
     "FrameSource",
     "StreamSummary",
+    "is_camera",
     "open_source",
     "run_stream",
 ]
@@ -143,13 +146,18 @@ class StreamSummary:
 # ---------------------------------------------------------------------------------------- sources
 
 
+def is_camera(source: str) -> bool:
+    """Whether SOURCE names a camera index ("0") rather than a file that happens to be called so."""
+    return source.isdigit() and not os.path.exists(source)
+
+
 def open_source(source: str) -> FrameSource:
     """Open SOURCE: a camera index ("0"), a folder or glob of images, or a video file.
 
     Raises:
         InputError: missing file, unreadable video, no camera at that index, no images.
     """
-    if source.isdigit() and not os.path.exists(source):
+    if is_camera(source):
         return _open_capture(cv2.VideoCapture(int(source)), f"camera {source}", live=True)
     path = Path(source)
     if path.is_dir():
@@ -301,7 +309,9 @@ def run_stream(
         source: video file, camera index ("0"), folder of images, or image glob ("seq/*.png").
         out: output video; suffix .mp4/.m4v/.mov (MPEG-4 part 2) or .avi (Motion JPEG).
         runner: local runner or Triton client (not closed here); a gRPC client streams the
-            frames (`stream`), an HTTP client sends batch-1 requests (`infer_many`).
+            frames (`stream`), an HTTP client sends batch-1 requests (`infer_many`), a local
+            runner with `parallel_calls` > 1 runs that many frames at once (at most
+            `max_in_flight`).
         masks_dir: if given, also write each frame's palette PNG mask there.
         max_in_flight: frames handed to the backend and not yet returned (and frames read ahead).
         fps: frame rate of the output; default the source's (30 for image sequences).
@@ -448,6 +458,8 @@ def _results(
             answers.close()
     elif infer_many is not None:
         yield from infer_many(requests, max_in_flight=max_in_flight)
+    elif (parallel := min(getattr(runner, "parallel_calls", 1), max_in_flight)) > 1:
+        yield from ordered_map(runner.infer, requests, parallel, window=max_in_flight)
     else:
         for batch in requests:
             yield runner.infer(batch)

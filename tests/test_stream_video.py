@@ -17,7 +17,7 @@ from serving_fixtures import FakeRunner, TinyArtifacts, expected_fake_mask, tiny
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.serving.masks import blend_overlay, palette_lut
 from cosa.serving.runners import OnnxRuntimeRunner
-from cosa.serving.stream import open_source, run_stream
+from cosa.serving.stream import is_camera, open_source, run_stream
 
 FRAMES, WIDTH, HEIGHT, FPS = 12, 64, 48, 10.0
 LUT = palette_lut(FakeRunner().spec.palette)
@@ -168,6 +168,62 @@ def test_client_streaming_keeps_order_with_a_bounded_window(tmp_path: Path) -> N
     for i in range(FRAMES):
         mask = np.asarray(Image.open(tmp_path / "m" / f"frame_{i:06d}.png"))
         np.testing.assert_array_equal(mask, expected_fake_mask(decoded[i]))
+
+
+class ConcurrentRunner(FakeRunner):
+    """A local runner double with `parallel_calls`: calls sleep a random time (so they finish out
+    of order) and it records the most calls running at once."""
+
+    def __init__(self, parallel_calls: int) -> None:
+        super().__init__()
+        self.parallel_calls = parallel_calls
+        self.lock = threading.Lock()
+        self.rng = np.random.default_rng(0)
+        self.running = 0
+        self.peak = 0
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            delay = float(self.rng.uniform(0.0, 0.02))
+        try:
+            time.sleep(delay)
+            return super().infer(images)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize(("parallel_calls", "max_in_flight", "peak"), [(2, 4, 2), (3, 2, 2)])
+def test_local_runner_parallel_calls_keep_frame_order(
+    tmp_path: Path, parallel_calls: int, max_in_flight: int, peak: int
+) -> None:
+    source = write_video(tmp_path / "in.avi")
+    decoded, _ = read_video(source)
+    runner = ConcurrentRunner(parallel_calls)
+    summary = run_stream(
+        str(source),
+        tmp_path / "o.avi",
+        runner,
+        masks_dir=tmp_path / "m",
+        max_in_flight=max_in_flight,
+    )
+    assert summary.frames == FRAMES
+    assert runner.peak == peak  # parallel calls, never more than the in-flight window
+    for i in range(FRAMES):
+        mask = np.asarray(Image.open(tmp_path / "m" / f"frame_{i:06d}.png"))
+        np.testing.assert_array_equal(mask, expected_fake_mask(decoded[i]))
+
+
+def test_camera_sources_are_told_from_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert is_camera("0") and is_camera("12")
+    assert not is_camera("video.mp4") and not is_camera("*.png")
+    (tmp_path / "0").write_bytes(b"")  # a file named like a camera index is a file
+    assert not is_camera("0")
 
 
 class GrpcStreamingClient(FakeRunner):
