@@ -459,7 +459,11 @@ def _results(
     elif infer_many is not None:
         yield from infer_many(requests, max_in_flight=max_in_flight)
     elif (parallel := min(getattr(runner, "parallel_calls", 1), max_in_flight)) > 1:
-        yield from ordered_map(runner.infer, requests, parallel, window=max_in_flight)
+        # One frame more than the calls, so that a call never waits for the next frame; more
+        # would only add queueing to each frame's latency.
+        yield from ordered_map(
+            runner.infer, requests, parallel, window=min(parallel + 1, max_in_flight)
+        )
     else:
         for batch in requests:
             yield runner.infer(batch)
