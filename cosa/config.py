@@ -30,6 +30,7 @@ class ModelConfig:
 
     backbone: str = "vit_base_patch16"
     aux_layer: int = -3  # ViT block whose tokens feed the aux CAM (-3 = block 10 of 12)
+    cam_pooling: str = "max"  # image logits from the features' global max (reference) or mean
     decoder_channels: int = 512  # LargeFOV width
     decoder_dilation: int = 5
     pretrained: str | None = None  # local weight file; never downloaded

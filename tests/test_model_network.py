@@ -86,6 +86,26 @@ def test_heads_follow_gmp_then_classifier(nets: dict[str, CosaNet], backbone: st
     torch.testing.assert_close(seg_only, out.seg)
 
 
+def test_mean_cam_pooling_makes_image_logits_the_mean_of_the_cam() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="efficientnet_lite0", decoder_channels=16, cam_pooling="mean")
+    net = build_model(cfg, num_classes=3, load_pretrained=False).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 48, 80))
+    # GAP then a linear 1x1 classifier = the spatial mean of the CAM logits (max pooling is not).
+    torch.testing.assert_close(out.cls_logits, out.cam.mean(dim=(2, 3)))
+    torch.testing.assert_close(out.aux_cls_logits, out.aux_cam.mean(dim=(2, 3)))
+    assert not torch.allclose(
+        out.cls_logits,
+        out.features.amax(dim=(2, 3)) @ net.classifier.classifier.weight[:, :, 0, 0].T,
+    )
+
+
+def test_unknown_cam_pooling_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"model.cam_pooling must be one of max, mean, got 'avg'"):
+        CosaNet(ModelConfig(backbone="efficientnet_lite0", cam_pooling="avg"), num_classes=3)
+
+
 def test_large_fov_layout() -> None:
     cfg = ModelConfig(backbone="efficientnet_lite0", decoder_channels=32, decoder_dilation=5)
     net = CosaNet(cfg, num_classes=20)

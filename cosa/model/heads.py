@@ -8,22 +8,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cosa.errors import ConfigError
+
+CAM_POOLINGS = ("max", "mean")
+
 
 class CamHead(nn.Module):
     """CAM stream: a 1x1 conv D -> C without bias, shared by the image logits and the CAMs.
 
     Image logits are z = W . GMP(F) (global MAX pool of the features first, then the classifier; the
-    ToCo convention, not the max of the CAM). CAM logits are A = W * F, the same weights per pixel.
+    ToCo convention, not the max of the CAM), or z = W . GAP(F) with `pooling="mean"` (the usual
+    choice for CNN CAMs, whose max pool rewards the single most discriminative cell). CAM logits are
+    A = W * F, the same weights per pixel, either way.
     """
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, pooling: str = "max") -> None:
         """Build the classifier.
 
         Args:
             in_channels: D, feature channels.
             num_classes: C, foreground classes.
+            pooling: "max" (the reference) or "mean" (`model.cam_pooling`).
+
+        Raises:
+            ConfigError: `pooling` is neither.
         """
         super().__init__()
+        if pooling not in CAM_POOLINGS:
+            raise ConfigError(
+                f"model.cam_pooling must be one of {', '.join(CAM_POOLINGS)}, got {pooling!r}"
+            )
+        self.pooling = pooling
         self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=False)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +50,10 @@ class CamHead(nn.Module):
         Returns:
             `(logits, cam)`: (B, C) image logits and (B, C, h, w) CAM logits (no ReLU).
         """
-        pooled = features.amax(dim=(2, 3), keepdim=True)  # (B, D, 1, 1)
+        if self.pooling == "max":
+            pooled = features.amax(dim=(2, 3), keepdim=True)  # (B, D, 1, 1)
+        else:
+            pooled = features.mean(dim=(2, 3), keepdim=True)
         logits = self.classifier(pooled).flatten(1)  # (B, C)
         cam = self.classifier(features)  # (B, C, h, w)
         return logits, cam

@@ -40,7 +40,8 @@ class CosaNet(nn.Module):
         """Build with random weights (see `build_model` for pretrained encoders).
 
         Args:
-            cfg: model section of the config (backbone, aux_layer, decoder width and dilation).
+            cfg: model section of the config (backbone, aux_layer, CAM pooling, decoder width and
+                dilation).
             num_classes: C, foreground classes (>= 1).
 
         Raises:
@@ -54,8 +55,8 @@ class CosaNet(nn.Module):
             )
         self.num_classes = num_classes
         self.encoder: Encoder = build_encoder(cfg.backbone, cfg.aux_layer)
-        self.classifier = CamHead(self.encoder.out_channels, num_classes)
-        self.aux_classifier = CamHead(self.encoder.aux_channels, num_classes)
+        self.classifier = CamHead(self.encoder.out_channels, num_classes, cfg.cam_pooling)
+        self.aux_classifier = CamHead(self.encoder.aux_channels, num_classes, cfg.cam_pooling)
         self.decoder = LargeFOV(
             self.encoder.out_channels, cfg.decoder_channels, num_classes + 1, cfg.decoder_dilation
         )
