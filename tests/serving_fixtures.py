@@ -14,6 +14,8 @@ import hashlib
 import importlib.util
 import shutil
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cosa.errors import InputError
 from cosa.export.spec import MASK_NAME, ModelSpec
 
 CLASS_NAMES = ("background", "circle", "square", "triangle")
@@ -133,6 +136,45 @@ class FakeRunner:
 
     def close(self) -> None:
         self.closed = True
+
+
+class ParallelRunner(FakeRunner):
+    """A runner double with `parallel_calls`: records the most `infer` calls running at once.
+
+    Each call sleeps `delay` plus a random share of `jitter` seconds (so that calls finish out
+    of order), and raises `InputError` for batches `fail_width` pixels wide (like an input outside
+    a TensorRT profile).
+    """
+
+    def __init__(
+        self,
+        parallel_calls: int,
+        fail_width: int | None = None,
+        delay: float = 0.02,
+        jitter: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.parallel_calls = parallel_calls
+        self.fail_width = fail_width
+        self.delay_range = (delay, delay + jitter)
+        self.rng = np.random.default_rng(0)
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            pause = float(self.rng.uniform(*self.delay_range))
+        try:
+            time.sleep(pause)
+            if images.shape[-1] == self.fail_width:
+                raise InputError(f"width {self.fail_width} is outside the engine's profile")
+            return super().infer(images)
+        finally:
+            with self.lock:
+                self.running -= 1
 
 
 def expected_fake_mask_nchw(images: np.ndarray) -> np.ndarray:

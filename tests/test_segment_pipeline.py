@@ -14,6 +14,7 @@ from PIL import Image
 from serving_fixtures import (
     PALETTE,
     FakeRunner,
+    ParallelRunner,
     TinyArtifacts,
     expected_fake_mask,
     tiny_artifacts,
@@ -395,30 +396,6 @@ def test_clients_get_several_batches_in_flight(tmp_path: Path) -> None:
     for name, array in arrays.items():
         mask = np.asarray(Image.open(tmp_path / "out" / name))
         np.testing.assert_array_equal(mask, expected_fake_mask(array))
-
-
-class ParallelRunner(FakeRunner):
-    """A runner double with `parallel_calls`: records how many `infer` calls run at once."""
-
-    def __init__(self, parallel_calls: int, fail_width: int | None = None) -> None:
-        super().__init__(delay=0.02)  # long enough for decoding to keep every slot busy
-        self.parallel_calls = parallel_calls
-        self.fail_width = fail_width
-        self.lock = threading.Lock()
-        self.running = 0
-        self.peak = 0
-
-    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        with self.lock:
-            self.running += 1
-            self.peak = max(self.peak, self.running)
-        try:
-            if images.shape[-1] == self.fail_width:
-                raise InputError(f"width {self.fail_width} is outside the engine's profile")
-            return super().infer(images)
-        finally:
-            with self.lock:
-                self.running -= 1
 
 
 @pytest.mark.parametrize("parallel_calls", [1, 2, 3])

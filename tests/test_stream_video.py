@@ -12,7 +12,13 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from serving_fixtures import FakeRunner, TinyArtifacts, expected_fake_mask, tiny_artifacts
+from serving_fixtures import (
+    FakeRunner,
+    ParallelRunner,
+    TinyArtifacts,
+    expected_fake_mask,
+    tiny_artifacts,
+)
 
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.serving.masks import blend_overlay, palette_lut
@@ -170,38 +176,13 @@ def test_client_streaming_keeps_order_with_a_bounded_window(tmp_path: Path) -> N
         np.testing.assert_array_equal(mask, expected_fake_mask(decoded[i]))
 
 
-class ConcurrentRunner(FakeRunner):
-    """A local runner double with `parallel_calls`: calls sleep a random time (so they finish out
-    of order) and it records the most calls running at once."""
-
-    def __init__(self, parallel_calls: int) -> None:
-        super().__init__()
-        self.parallel_calls = parallel_calls
-        self.lock = threading.Lock()
-        self.rng = np.random.default_rng(0)
-        self.running = 0
-        self.peak = 0
-
-    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        with self.lock:
-            self.running += 1
-            self.peak = max(self.peak, self.running)
-            delay = float(self.rng.uniform(0.0, 0.02))
-        try:
-            time.sleep(delay)
-            return super().infer(images)
-        finally:
-            with self.lock:
-                self.running -= 1
-
-
 @pytest.mark.parametrize(("parallel_calls", "max_in_flight", "peak"), [(2, 4, 2), (3, 2, 2)])
 def test_local_runner_parallel_calls_keep_frame_order(
     tmp_path: Path, parallel_calls: int, max_in_flight: int, peak: int
 ) -> None:
     source = write_video(tmp_path / "in.avi")
     decoded, _ = read_video(source)
-    runner = ConcurrentRunner(parallel_calls)
+    runner = ParallelRunner(parallel_calls, delay=0.0, jitter=0.02)  # calls end out of order
     summary = run_stream(
         str(source),
         tmp_path / "o.avi",
