@@ -67,7 +67,7 @@ import numpy as np
 from PIL import Image
 
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec, ShapeProfile, write_spec
-from cosa.serving.background import ordered_map
+from cosa.serving.background import ordered_calls
 from cosa.serving.images import load_image
 from cosa.serving.masks import palette_lut, write_mask
 from cosa.serving.runners import (
@@ -186,7 +186,7 @@ def infer_all(runner: OnnxRuntimeRunner, batches: Iterable[np.ndarray]) -> None:
     """Every batch through `runner`, its `parallel_calls` kept running as the segment pipeline
     keeps them (one call at a time when it has one)."""
     calls = runner.parallel_calls
-    for _ in ordered_map(runner.infer, batches, calls) if calls > 1 else map(runner.infer, batches):
+    for _ in ordered_calls(runner.infer, batches, calls, max_outstanding=calls + 1):
         pass
 
 

@@ -4,9 +4,10 @@
   consumer: `cosa segment` builds the next batches (decode results, size grouping, float
   conversion) while the current one runs in the model, and `cosa stream` reads frames while
   earlier frames are inferred.
-- `ordered_map` runs a function on a few threads at once, in order: `cosa segment` keeps
-  several model calls running when the runner serves concurrent calls better than one wide call
-  (onnxruntime on CPU, `OnnxRuntimeRunner.parallel_calls`).
+- `ordered_map` runs a function on a few threads at once, in order; `ordered_calls` is the
+  policy the pipelines use on a local runner: `cosa segment` and `cosa stream` keep several model
+  calls running when the runner serves concurrent calls better than one wide call (onnxruntime on
+  CPU, `OnnxRuntimeRunner.parallel_calls`), else call it one batch at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["ordered_map", "prefetch"]
+__all__ = ["ordered_calls", "ordered_map", "prefetch"]
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -109,3 +110,26 @@ def ordered_map(
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ordered_calls(
+    function: Callable[[A], R], items: Iterable[A], calls: int, max_outstanding: int
+) -> Generator[R, None, None]:
+    """`map(function, items)` with up to `calls` calls running at once, results in input order.
+
+    With `calls` (capped at `max_outstanding`) above 1, `ordered_map` on that many threads takes
+    one item more than the calls (so that a call never waits for the next item; more would only
+    queue), never more than `max_outstanding`; otherwise `function` runs one item at a time in
+    the consumer's thread.
+
+    Args:
+        function: e.g. a runner's `infer` (thread-safe when `calls` > 1).
+        items: any iterable.
+        calls: concurrent calls wanted, e.g. a runner's `parallel_calls`.
+        max_outstanding: most items taken and not yet yielded (>= 1).
+    """
+    calls = min(calls, max_outstanding)
+    if calls > 1:
+        yield from ordered_map(function, items, calls, window=min(calls + 1, max_outstanding))
+    else:
+        yield from map(function, items)

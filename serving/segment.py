@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.export.spec import MASK_NAME
-from cosa.serving.background import ordered_map, prefetch
+from cosa.serving.background import ordered_calls, prefetch
 from cosa.serving.discovery import InputItem, discover_inputs
 from cosa.serving.images import SUPPORTED_SUFFIXES, ImageReadError, load_image
 from cosa.serving.masks import (
@@ -416,14 +416,8 @@ class _Pipeline:
         if infer_many is not None and self.limits.in_flight > 1:
             yield from infer_many(requests, max_in_flight=self.limits.in_flight)
             return
-        parallel = min(getattr(self.runner, "parallel_calls", 1), self.limits.in_flight)
-        if parallel > 1:
-            yield from ordered_map(
-                self._infer, requests, parallel, window=min(parallel + 1, self.limits.in_flight)
-            )
-            return
-        for batch in requests:
-            yield self._infer(batch)
+        calls = getattr(self.runner, "parallel_calls", 1)
+        yield from ordered_calls(self._infer, requests, calls, self.limits.in_flight)
 
     def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray] | Exception:
         """One local call; an input problem of this batch alone comes back as the exception."""

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.export.spec import MASK_NAME
 from cosa.serving.atomic import atomic_path
-from cosa.serving.background import ordered_map, prefetch
+from cosa.serving.background import ordered_calls, prefetch
 from cosa.serving.discovery import is_image_name
 from cosa.serving.images import load_image
 from cosa.serving.masks import blend_overlay, palette_lut, write_mask
@@ -458,12 +458,6 @@ def _results(
             answers.close()
     elif infer_many is not None:
         yield from infer_many(requests, max_in_flight=max_in_flight)
-    elif (parallel := min(getattr(runner, "parallel_calls", 1), max_in_flight)) > 1:
-        # One frame more than the calls, so that a call never waits for the next frame; more
-        # would only add queueing to each frame's latency.
-        yield from ordered_map(
-            runner.infer, requests, parallel, window=min(parallel + 1, max_in_flight)
-        )
     else:
-        for batch in requests:
-            yield runner.infer(batch)
+        calls = getattr(runner, "parallel_calls", 1)
+        yield from ordered_calls(runner.infer, requests, calls, max_in_flight)

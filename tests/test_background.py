@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cosa.serving.background import ordered_map, prefetch
+from cosa.serving.background import ordered_calls, ordered_map, prefetch
 
 
 def test_prefetch_is_bounded_ordered_and_reraises() -> None:
@@ -104,3 +104,32 @@ def test_ordered_map_reraises_in_turn_and_close_cancels() -> None:
     assert next(results) == 0
     results.close()
     assert track.running == 0 and len(track.started) <= 4
+
+
+@pytest.mark.parametrize(
+    ("calls", "max_outstanding", "peak", "taken"),
+    [(3, 8, 3, 4), (3, 2, 2, 2), (1, 8, 1, 1), (4, 1, 1, 1)],
+)
+def test_ordered_calls_runs_calls_at_once_with_one_item_more_within_the_bound(
+    calls: int, max_outstanding: int, peak: int, taken: int
+) -> None:
+    track = Tracker()
+    pulled: list[int] = []
+    threads: set[str] = set()
+
+    def items() -> Iterator[int]:
+        for i in range(12):
+            pulled.append(i)
+            yield i
+
+    def call(item: int) -> int:
+        threads.add(threading.current_thread().name)
+        return track(item)
+
+    results = ordered_calls(call, items(), calls, max_outstanding)
+    assert next(results) == 0
+    assert len(pulled) == taken  # calls + 1, capped by max_outstanding; 1 when serial
+    assert [0] + list(results) == [i * i for i in range(12)]
+    assert track.peak == peak
+    # One call at a time runs in the consumer's thread, not a pool.
+    assert (threads == {threading.current_thread().name}) == (peak == 1)
