@@ -5,7 +5,7 @@
 
 Both sides run `run_stream` (what `cosa stream` runs) on the same image sequence of --frames
 noise JPEGs into a Motion-JPEG .avi, with the exported demo network (random weights: speed does
-not depend on them) and --max-in-flight 4 (the CLI default):
+not depend on them) and 4 frames in flight (the default of `cosa stream --max-in-flight`):
     one_call   `OnnxRuntimeRunner()`: one call at a time, onnxruntime's threads over every core
                (what `cosa stream` runs for a camera)
     parallel   `OnnxRuntimeRunner(parallel_calls=--calls)`: that many frames at once, the cores
