@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import shutil
 import sys
 import time
 import types
@@ -25,17 +26,16 @@ from cosa.errors import (
     ServingError,
 )
 from cosa.export.spec import write_spec
-from cosa.serving import runners
+from cosa.serving import tensorrt_runner
 from cosa.serving.runners import (
     OnnxRuntimeRunner,
     Runner,
-    TensorRTRunner,
     TorchRunner,
-    check_profile,
     default_parallel_calls,
     images_to_batch,
     open_runner,
 )
+from cosa.serving.tensorrt_runner import TensorRTRunner, check_profile
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +419,7 @@ def test_tensorrt_engine_from_another_version(
     import torch
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(None))
-    monkeypatch.setattr(runners, "_cuda_device", lambda index: torch.device("cpu"))
+    monkeypatch.setattr(tensorrt_runner, "_cuda_device", lambda index: torch.device("cpu"))
     with pytest.raises(
         ServingError,
         match=r"TensorRT 10.9.0 cannot deserialize .*built with "
@@ -435,7 +435,7 @@ def test_tensorrt_runner_plumbing_with_a_fake_engine(
 
     engine = FakeEngine()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
-    monkeypatch.setattr(runners, "_cuda_device", lambda index: torch.device("cpu"))
+    monkeypatch.setattr(tensorrt_runner, "_cuda_device", lambda index: torch.device("cpu"))
     runner = open_runner(plan_folder(tmp_path), "auto")
     assert isinstance(runner, TensorRTRunner)
     assert runner.profile == ((1, 3, 16, 16), (1, 3, 64, 64), (4, 3, 128, 128))
@@ -458,6 +458,31 @@ def test_check_profile() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-def test_tensorrt_runner_on_a_gpu(tiny: TinyArtifacts) -> None:
+def test_tensorrt_runner_on_a_gpu(tiny: TinyArtifacts, tmp_path: Path) -> None:
+    """A real engine built from the tiny ONNX gives onnxruntime's masks through `open_runner`."""
     pytest.importorskip("tensorrt")
-    pytest.skip("needs an engine built by cosa export --trt on this GPU (export tests build it)")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from cosa.export.spec import ShapeProfile
+    from cosa.export.tensorrt_build import build_engine
+
+    folder = tmp_path / "trt"
+    shutil.copytree(tiny.folder, folder)
+    profile = ShapeProfile(min=(1, 32, 32), opt=(2, 64, 64), max=(4, 128, 128))
+    build_engine(
+        folder / "model.onnx",
+        folder / "model.plan",
+        profile,
+        "fp32",
+        timing_cache=tmp_path / "timing.cache",
+    )
+    images = batch(3, 48, 80)
+    with OnnxRuntimeRunner(tiny.folder) as reference:
+        expected = reference.infer(images)["mask"]
+    with open_runner(folder / "model.plan", "auto") as runner:
+        assert isinstance(runner, TensorRTRunner)
+        mask = runner.infer(images)["mask"]
+    assert mask.shape == expected.shape and mask.dtype == np.int32
+    assert (mask == expected).mean() >= 0.99
