@@ -121,6 +121,33 @@ def rescore(rows_dir: Path, work: Path, data: Path, keys: str, seed: int) -> Non
         print(json.dumps(part["row"]), flush=True)
 
 
+def seed_means(rows: list[dict]) -> list[str]:
+    """Each variant's test mIoU averaged over its seeds, when some variant has several."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["miou"] is not None:
+            by_variant.setdefault(r["variant"], []).append(r)
+    if all(len(v) < 2 for v in by_variant.values()):
+        return []
+    means = {k: sum(r["miou"] for r in v) / len(v) for k, v in by_variant.items()}
+    lines = [
+        "",
+        "Mean over seeds (test mIoU; the difference to b, the reference configuration, is only "
+        "meaningful between rows with the same seeds):",
+        "",
+        "| | variant | seeds | mIoU (test), mean | min-max | vs b |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for key, group in sorted(by_variant.items()):
+        values = [100 * r["miou"] for r in group]
+        versus = f"{100 * (means[key] - means['b']):+.1f}" if "b" in means and key != "b" else ""
+        lines.append(
+            f"| {key} | {group[0]['description']} | {', '.join(str(r['seed']) for r in group)} | "
+            f"{100 * means[key]:.1f} | {min(values):.1f}-{max(values):.1f} | {versus} |"
+        )
+    return lines
+
+
 def targets(rows: list[dict]) -> list[str]:
     """The issue's two targets for every seed that has rows a, f and g, and their mean over seeds.
 
@@ -191,7 +218,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{pct(r['miou_label_masked'])} | {r['sec_per_iter']:.2f} | "
             f"{r['seed']} |"
         )
-    lines += targets(rows)
+    lines += seed_means(rows) + targets(rows)
     return "\n".join(lines) + "\n"
 
 
