@@ -246,11 +246,11 @@ def _demo() -> CosaConfig:
             scale_max=1.5,  # images are 160-320 px: at 2.0 a crop would miss most labelled objects
             num_workers=1,
         ),
-        # Two teacher scales, not the paper's four: at 1.5x the 10x10 CAM grid becomes 15x15 and
-        # the CAM covers whole objects. With mean pooling this took f from 50.0 / 50.3 to 52.9 /
-        # 55.0 (seeds 0 / 1) and its pseudo-labels from 55.7 to 66.7% mIoU, for 1.9x the s/it
-        # after the warm-up (the demo: 11 min 53 s instead of 6 min 40 s on 2 cores):
-        # benchmarks/results/wsss_synth_budget.md.
+        # Two teacher scales, not the paper's three (1.0, 0.5, 1.5): at 1.5x the 10x10 CAM grid
+        # becomes 15x15 and the CAM covers whole objects. With mean pooling this took f from 50.0 /
+        # 50.3 to 52.9 / 55.0 (seeds 0 / 1) and its pseudo-labels from 55.7 to 66.7% mIoU, for
+        # 1.9x the s/it after the warm-up (the demo: 11 min 53 s instead of 6 min 40 s on 2
+        # cores): benchmarks/results/wsss_synth_budget.md.
         pseudo=replace(base.pseudo, scales=(1.0, 1.5)),
         # cam2seg at 8 instead of the paper's 0.1, which is tuned for 20k-iteration schedules: at
         # 400 iterations, against 0.1, weights 1, 2, 4 and 8 gave +2.4, +3.7, +5.0 and +6.1
