@@ -31,13 +31,16 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_TRITON_MODEL",
     "PROTOCOLS",
+    "LocalRunner",
     "OnnxRuntimeRunner",
     "Runner",
     "TorchRunner",
     "check_images",
     "default_spec",
+    "fused_variant",
     "images_to_batch",
     "open_runner",
+    "resolve_artifact",
     "voc_palette",
 ]
 
@@ -204,13 +207,18 @@ def resolve_artifact(
 
 
 def fused_variant(path: Path, spec: ModelSpec) -> Path:
-    """The onnxruntime-fused FP32 graph (role "fp32_ort") beside `path` if `path` is the export's
-    FP32 ONNX and the fused file exists; else `path`."""
+    """The onnxruntime-fused FP32 graph (role "fp32_ort") instead of `path` if `path` is the
+    export's FP32 ONNX and spec.json lists a fused one; else `path`. A listed but missing fused
+    file is logged and `path` used (it computes the same, slower)."""
     fused = spec.extra_artifacts.get("fp32_ort")
     if fused is None or path.name != spec.extra_artifacts.get("fp32", "model.onnx"):
         return path
     candidate = path.parent / fused
-    return candidate if candidate.is_file() else path
+    if not candidate.is_file():
+        log.warning("spec.json lists %s but it is missing; using %s", candidate, path.name)
+        return path
+    log.info("using %s (onnxruntime-fused) for %s", candidate, path.name)
+    return candidate
 
 
 class OnnxRuntimeRunner(LocalRunner):

@@ -54,6 +54,7 @@ from cosa.export.spec import (
     TensorSpec,
     read_spec,
 )
+from cosa.serving.runners import fused_variant
 from cosa.triton_models import read_template
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ def write_repository(
     _check_spec(spec, platform, max_batch, ensemble)
     artifact = _find_artifact(artifact_dir, spec, platform, runtime)
     if runtime.suffix == ".onnx" and not ort_tensorrt:
-        artifact = _fused_variant(artifact, spec)
+        artifact = fused_variant(artifact, spec)
     companions = _check_onnx(artifact, spec) if runtime.suffix == ".onnx" else ()
 
     layout = RepositoryLayout(
@@ -406,21 +407,6 @@ def _find_artifact(artifact_dir: Path, spec: ModelSpec, platform: str, runtime: 
         )
         raise ServingError(f"{path} not found: platform {platform!r} serves a {name}; {how}")
     return path
-
-
-def _fused_variant(path: Path, spec: ModelSpec) -> Path:
-    """The onnxruntime-fused FP32 graph (role "fp32_ort") instead of `path` if `path` is the
-    export's FP32 ONNX and spec.json lists a fused one; else `path`. A listed but missing fused
-    file is logged and `path` served (it computes the same, slower)."""
-    fused = spec.extra_artifacts.get("fp32_ort")
-    if fused is None or path.name != spec.extra_artifacts.get("fp32", "model.onnx"):
-        return path
-    candidate = path.parent / fused
-    if not candidate.is_file():
-        logger.warning("spec.json lists %s but it is missing; serving %s", candidate, path.name)
-        return path
-    logger.info("serving %s (onnxruntime-fused) as %s", candidate, path.name)
-    return candidate
 
 
 def _check_onnx(path: Path, spec: ModelSpec) -> tuple[str, ...]:
