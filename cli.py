@@ -77,6 +77,7 @@ class Device(str, Enum):
 class Protocol(str, Enum):
     deploy = "deploy"
     paper = "paper"
+    tta = "tta"
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -197,14 +198,15 @@ def eval_(
         Protocol,
         typer.Option(
             help="deploy: what `cosa segment` writes (native size, "
-            "single scale); paper: 448x448, scales + flip."
+            "single scale); paper: 448x448, scales + flip; tta: native size, scales + flip "
+            "(the CAM scores use them too)."
         ),
     ] = Protocol.deploy,
     scales: Annotated[
-        str, typer.Option(help="Scales of the paper protocol.")
+        str, typer.Option(help="Scales of the paper and tta protocols.")
     ] = "1.0,0.5,1.5,0.75,1.25",
     flip: Annotated[
-        bool, typer.Option(help="Flip test-time augmentation (paper protocol).")
+        bool, typer.Option(help="Flip test-time augmentation (paper and tta protocols).")
     ] = True,
     cam: Annotated[
         bool, typer.Option(help="Also score CAM and CAM pseudo-labels (checkpoints).")
@@ -674,7 +676,7 @@ def _evaluate_artifact(model: Path, data: Path, split: str, protocol: str, max_i
     if protocol != "deploy":
         raise ConfigError(
             "exported artifacts are scored with --protocol deploy (what they compute); "
-            "use the checkpoint for --protocol paper"
+            "use the checkpoint for --protocol paper or tta"
         )
     runner = open_runner(model, backend="auto", return_logits=True)
     try:

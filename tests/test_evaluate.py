@@ -130,3 +130,66 @@ def test_cam_quality_scores_gt_and_predicted_labels_separately(val_index) -> Non
     assert gt_only == pytest.approx(1.0) and missing < 1.0
     with_extra = score(present + [absent])  # the extra class has an empty CAM: no pixel changes
     assert with_extra == pytest.approx((1.0, 1.0))
+
+
+def _random_net(num_classes: int):
+    from cosa.config import apply_overrides
+    from cosa.model import build_model
+
+    cfg = apply_overrides(preset("demo"), {"model.decoder_channels": 16})
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model, num_classes=num_classes, load_pretrained=False).eval()
+
+
+def test_native_multiscale_single_pass_equals_the_deploy_forward() -> None:
+    """At scale 1.0 without flip, on a size the deploy forward does not resize, both predictors
+    run the same network on the same pixels: equal logits."""
+    from cosa.evaluation.predictors import DeployPredictor, NativeMultiScalePredictor
+
+    _, net = _random_net(3)
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    deploy = DeployPredictor(net, torch.device("cpu"))(image)
+    single = NativeMultiScalePredictor(net, torch.device("cpu"), (1.0,), flip=False)(image)
+    assert single.shape == deploy.shape == (4, 64, 96)
+    np.testing.assert_allclose(single, deploy, atol=1e-4)
+
+
+def test_native_multiscale_with_flip_is_flip_equivariant() -> None:
+    """Summing f(x) and flip(f(flip(x))) makes the prediction of a mirrored image the mirrored
+    prediction, at any size; without the flip a random network is not equivariant."""
+    from cosa.evaluation.predictors import NativeMultiScalePredictor
+
+    _, net = _random_net(3)
+    image = np.random.default_rng(1).integers(0, 256, (61, 83, 3), dtype=np.uint8)
+    mirrored = np.ascontiguousarray(image[:, ::-1])
+    tta = NativeMultiScalePredictor(net, torch.device("cpu"), (1.0, 1.5), flip=True)
+    logits = tta(image)
+    assert logits.shape == (4, 61, 83)
+    np.testing.assert_allclose(tta(mirrored), logits[:, :, ::-1], atol=1e-3)
+    plain = NativeMultiScalePredictor(net, torch.device("cpu"), (1.0, 1.5), flip=False)
+    assert np.abs(plain(mirrored) - plain(image)[:, :, ::-1]).max() > 1e-2
+
+
+def test_tta_protocol_scores_the_cam_with_its_own_scales(val_index, tmp_path: Path) -> None:
+    """deploy and paper score the CAM with the checkpoint's teacher scales + flip; tta with the
+    scales and flip it is given, so a CAM-only model can be compared at matched augmentation."""
+    from cosa.config import apply_overrides
+    from cosa.evaluation.run import evaluate_checkpoint
+
+    cfg, net = _random_net(len(val_index.class_names) - 1)
+    cfg = apply_overrides(cfg, {"pseudo.scales": [1.0, 1.5]})
+    state = net.state_dict()
+    names = list(val_index.class_names)
+    ckpt = Checkpoint(cfg, names, [[0, 0, 0]] * len(names), 0, state, state)
+    save_checkpoint(ckpt, tmp_path / "c.pt")
+
+    def score(**kwargs):
+        return evaluate_checkpoint(tmp_path / "c.pt", val_index.root, device="cpu", **kwargs)
+
+    deploy = score()
+    teacher = score(protocol="tta", scales=(1.0, 1.5), flip=True)
+    single = score(protocol="tta", scales=(1.0,), flip=False)
+    assert deploy.protocol == "deploy" and teacher.protocol == "tta"
+    assert teacher.cam_miou == pytest.approx(deploy.cam_miou)
+    assert teacher.cpl_coverage == pytest.approx(deploy.cpl_coverage)
+    assert single.cpl_coverage != pytest.approx(deploy.cpl_coverage)

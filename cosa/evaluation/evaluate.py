@@ -82,10 +82,12 @@ class CamQuality:
         scales: tuple[float, ...],
         low: float,
         high: float,
+        flip: bool = True,
     ) -> None:
         self.net = net
         self.device = device
         self.scales = scales
+        self.flip = flip
         self.low = low
         self.high = high
         self.cam_matrix = ConfusionMatrix(num_classes)
@@ -103,7 +105,7 @@ class CamQuality:
         # Each class's map is normalised on its own, so the all-classes pass masked afterwards
         # equals a pass given that label: one teacher pass serves both label sets, and its
         # scale-1.0 pass gives the classifier's own labels.
-        teacher = teacher_forward(self.net, x, torch.ones_like(y), self.scales, flip=True)
+        teacher = teacher_forward(self.net, x, torch.ones_like(y), self.scales, self.flip)
         every_class = teacher.cam
         predicted = (teacher.cls_logits.sigmoid() > CLASS_PRESENT_PROBABILITY).float()
         cam = every_class * y[:, :, None, None]  # (1, C, H, W) in [0, 1], absent classes zero
@@ -141,7 +143,7 @@ def evaluate(
     Args:
         predictor: image (H, W, 3) uint8 -> logits (K, H, W) float32.
         index: an opened split with masks.
-        protocol: a label for the report ("deploy" or "paper").
+        protocol: a label for the report ("deploy", "paper" or "tta").
         max_images: score only the first N images (0 = all).
         cam_quality: optional CAM/CPL scorer fed the same images.
         progress: optional callback `(done, total)`.

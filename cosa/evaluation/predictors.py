@@ -4,7 +4,8 @@ A predictor maps an RGB uint8 image (H, W, 3) to float32 logits (K, H, W) at the
 `DeployPredictor` scores exactly what `cosa segment` writes (deploy forward, native resolution,
 single scale). `PaperProtocolPredictor` is the reference protocol (METHOD.md 7): resize to 448x448
 ignoring aspect, scales (1.0, 0.5, 1.5, 0.75, 1.25) + flip, summed seg logits, upsampled to the
-label size.
+label size. `NativeMultiScalePredictor` is test-time augmentation at the image's own size, fused as
+the training teacher fuses its passes (the same scales and flip give the same seg logits).
 Exported artifacts (ONNX, TensorRT) plug in through any callable with the same signature.
 """
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cosa.model import CosaNet, DeployModel
+from cosa.pseudo import teacher_forward
 
 
 class Predictor(Protocol):
@@ -90,3 +92,27 @@ class PaperProtocolPredictor:
             total[None], size=(height, width), mode="bilinear", align_corners=False
         )
         return logits[0].cpu().numpy()
+
+
+class NativeMultiScalePredictor:
+    """Multi-scale (+ flip) test-time augmentation at the image's own size.
+
+    Each scale resizes the image to round(s*H) x round(s*W); seg logits are upsampled back to
+    H x W and summed over the flip pair and the scales: `teacher_forward`'s fusion, so with the
+    checkpoint's `pseudo.scales` it scores the seg stream of the teacher that trained the model.
+    """
+
+    def __init__(
+        self, net: CosaNet, device: torch.device, scales: Sequence[float], flip: bool
+    ) -> None:
+        self.net = net.to(device).eval()
+        self.device = device
+        self.scales = tuple(scales)
+        self.flip = flip
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        x = normalised_image(image, self.device)  # (1, 3, H, W)
+        no_labels = torch.zeros(1, self.net.num_classes, device=self.device)
+        seg = teacher_forward(self.net, x, no_labels, self.scales, self.flip).seg  # (1, K, H, W)
+        return seg[0].cpu().numpy()

@@ -9,10 +9,15 @@ from cosa.checkpoint import build_teacher_from_checkpoint, load_checkpoint
 from cosa.data import open_dataset
 from cosa.errors import CheckpointError, ConfigError
 from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
-from cosa.evaluation.predictors import DeployPredictor, PaperProtocolPredictor, Predictor
+from cosa.evaluation.predictors import (
+    DeployPredictor,
+    NativeMultiScalePredictor,
+    PaperProtocolPredictor,
+    Predictor,
+)
 from cosa.train.distributed import resolve_device
 
-PROTOCOLS = ("deploy", "paper")
+PROTOCOLS = ("deploy", "paper", "tta")
 
 
 def evaluate_checkpoint(
@@ -27,6 +32,11 @@ def evaluate_checkpoint(
     device: str = "auto",
 ) -> EvalResult:
     """Score the assignment network (teacher) of `checkpoint` on `data`/`split`.
+
+    `protocol`: "deploy" (native size, single scale: what `cosa segment` writes), "paper" (448x448,
+    `scales` + `flip`) or "tta" (native size, `scales` + `flip`). The CAM and CPL scores use the
+    checkpoint's teacher scales (+ flip) except under "tta", where they use `scales` and `flip`
+    too, so a CAM-only model and a seg stream can be compared with the same augmentation.
 
     Raises:
         ConfigError: unknown protocol. CheckpointError: unreadable checkpoint, or its classes do not
@@ -48,6 +58,8 @@ def evaluate_checkpoint(
     predictor: Predictor
     if protocol == "paper":
         predictor = PaperProtocolPredictor(net, torch_device, scales=scales, flip=flip)
+    elif protocol == "tta":
+        predictor = NativeMultiScalePredictor(net, torch_device, scales=scales, flip=flip)
     else:
         predictor = DeployPredictor(net, torch_device)
     quality = None
@@ -55,7 +67,10 @@ def evaluate_checkpoint(
         thresholds = (ckpt.thresholds or {}).get("main") or {}
         low = float(thresholds.get("low", ckpt.config.pseudo.low_threshold))
         high = float(thresholds.get("high", ckpt.config.pseudo.high_threshold))
+        cam_scales, cam_flip = (
+            (tuple(scales), flip) if protocol == "tta" else (ckpt.config.pseudo.scales, True)
+        )
         quality = CamQuality(
-            net, torch_device, len(index.class_names), ckpt.config.pseudo.scales, low, high
+            net, torch_device, len(index.class_names), cam_scales, low, high, flip=cam_flip
         )
     return evaluate(predictor, index, protocol=protocol, max_images=max_images, cam_quality=quality)
