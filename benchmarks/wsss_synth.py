@@ -17,6 +17,9 @@ used for selection) with the deploy forward (what `cosa segment` writes). Report
 that is what it could deploy), CAM mIoU with the network's own and with ground-truth image labels,
 pseudo-label (CPL) mIoU on the pixels it keeps and its coverage, label-masked mIoU (GT labels),
 seconds per iteration, seeds.
+The headline thus scores a with the teacher's test-time augmentation (scales + flip) and the
+others with one pass; `benchmarks/wsss_protocols.py` re-scores the stored runs at matched
+augmentation.
 `--rescore` scores the stored runs' best.pt again after a change of the metrics.
 
     python benchmarks/wsss_synth.py --iters 300 --out benchmarks/results   # JSON + markdown table
