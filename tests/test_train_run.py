@@ -131,3 +131,27 @@ def test_cli_errors_are_one_line_exit_2(tiny_data: Path, tmp_path: Path) -> None
     assert res.exit_code == 2 and "did you mean 'seg_weight'" in res.output
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path)])
     assert res.exit_code == 2 and str(tmp_path) in res.output
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_saved(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step log is read back one step late; it still catches a NaN loss before the
+    checkpoint of that step is written, and names the step."""
+    from cosa.train.trainer import Trainer
+
+    step = Trainer._step
+
+    def nan_at_three(self: Trainer, batch: dict) -> dict:
+        record = step(self, batch)
+        if self.iteration == 3:
+            record["loss/total"] = record["loss/total"] * float("nan")
+        return record
+
+    monkeypatch.setattr(Trainer, "_step", nan_at_three)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="loss became nan at iteration 3"):
+        launch(_cfg(tiny_data, **{"train.eval_every": 100}), out, device="cpu", progress=False)
+    assert load_checkpoint(out / "checkpoints" / "last.pt").iteration == 2
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in steps if r["kind"] == "step"] == [1, 2]

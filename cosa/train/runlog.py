@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class MetricsLog:
@@ -64,3 +67,50 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+class DeferredScalars:
+    """Per-step scalars (losses, thresholds) read back one step late.
+
+    Reading a device scalar with `float()` waits for the device to finish the step, so a
+    per-step log would keep the host from queueing the next step. Here each step's tensor
+    scalars are stacked on their device and copied to the host without blocking (with an event
+    on CUDA); they become floats when the next step is pushed, by which time the copy is done, or
+    at `flush()`. The host thus runs at most one step ahead, and the wall time between steps
+    still measures the device's throughput.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[dict[str, Any], torch.Tensor | None, Any] | None = None
+
+    def push(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Queue one step's record; return the previous step's with floats (None for the first).
+
+        Args:
+            record: name -> 0-d tensor (any device and float dtype; read back later) or a plain
+                value (kept as it is). Key order is kept.
+        """
+        ready = self.flush()
+        tensors = [v.detach().float().reshape(()) for v in record.values() if torch.is_tensor(v)]
+        host, event = None, None
+        if tensors:
+            values = torch.stack(tensors)
+            if values.is_cuda:
+                host = values.to("cpu", non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host = values
+        self._pending = (dict(record), host, event)
+        return ready
+
+    def flush(self) -> dict[str, Any] | None:
+        """The queued record with floats (waits for its copy), or None when nothing is queued."""
+        if self._pending is None:
+            return None
+        record, host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        floats = iter(host.tolist() if host is not None else [])
+        return {k: next(floats) if torch.is_tensor(v) else v for k, v in record.items()}

@@ -43,7 +43,7 @@ from cosa.pseudo import (
 )
 from cosa.train.distributed import DistContext, barrier, setup_distributed, teardown_distributed
 from cosa.train.rng import restore_rng_state, rng_state, seed_everything
-from cosa.train.runlog import MetricsLog, read_metrics
+from cosa.train.runlog import DeferredScalars, MetricsLog, read_metrics
 from cosa.train.sampler import ResumableSampler
 from cosa.train.schedule import build_optimizer, build_scheduler
 from cosa.train.visualize import cam_picture, save_curves, save_grid
@@ -315,6 +315,7 @@ class Trainer:
                 dynamic_ncols=True,
             )
         timings: list[float] = []
+        records = DeferredScalars()  # no per-step device sync for the log
         while self.iteration < cfg.train.max_iters:
             start = time.perf_counter()
             batch = next(self.batches)
@@ -328,29 +329,28 @@ class Trainer:
                 sec_per_it=elapsed,
                 images_per_sec=cfg.train.batch_size / elapsed,
             )
-            if self.metrics is not None:
-                self.metrics.write(record)
+            self._log_step(records.push(record), bar)
             if bar is not None:
                 bar.update(1)
-                if self.iteration % cfg.train.log_every == 0:
-                    bar.set_postfix(
-                        loss=f"{record['loss/total']:.3f}",
-                        tau_l=f"{record['tau_low']:.2f}",
-                        tau_h=f"{record['tau_high']:.2f}",
-                    )
-            if self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.train.max_iters:
-                self._evaluate_and_select()
-            if (
+            evaluating = (
+                self.iteration % cfg.train.eval_every == 0 or self.iteration == cfg.train.max_iters
+            )
+            saving = (
                 self.iteration % cfg.train.checkpoint_every == 0
                 or self.iteration == cfg.train.max_iters
-            ):
+            )
+            if evaluating or saving:  # the log catches up first: a NaN is never saved
+                self._log_step(records.flush(), bar)
+            if evaluating:
+                self._evaluate_and_select()
+            if saving:
                 self._save(self.ckpt_dir / "last.pt")
         if bar is not None:
             bar.close()
         return self._finish(timings)
 
     def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """One optimisation step; returns the per-step metrics record."""
+        """One optimisation step; returns its metrics record (losses as 0-d device tensors)."""
         cfg, device = self.cfg, self.ctx.device
         batch = {
             k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
@@ -393,21 +393,35 @@ class Trainer:
         self.scheduler.step()
         ema_update(self.teacher, self.student, cfg.optim.ema_momentum)
 
-        record: dict[str, Any] = {"loss/total": float(result.total.detach())}
-        record.update({f"loss/{k}": float(v.detach()) for k, v in result.terms.items()})
+        # Device tensors stay tensors: `DeferredScalars` reads them back a step later.
+        record: dict[str, Any] = {"loss/total": result.total.detach()}
+        record.update({f"loss/{k}": v.detach() for k, v in result.terms.items()})
         record.update({f"lr/group{i}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
         record.update(
-            tau_low=float(thresholds["low"]),
-            tau_high=float(thresholds["high"]),
-            tau_aux_low=float(thresholds["aux_low"]),
-            tau_aux_high=float(thresholds["aux_high"]),
+            tau_low=thresholds["low"],
+            tau_high=thresholds["high"],
+            tau_aux_low=thresholds["aux_low"],
+            tau_aux_high=thresholds["aux_high"],
         )
+        return record
+
+    def _log_step(self, record: dict[str, Any] | None, bar: Any) -> None:
+        """Write a step record that `DeferredScalars` read back; stop on a non-finite loss."""
+        if record is None:
+            return
         if not math.isfinite(record["loss/total"]):
             raise FloatingPointError(
-                f"loss became {record['loss/total']} at iteration {self.iteration}; "
+                f"loss became {record['loss/total']} at iteration {record['iter']}; "
                 "lower the learning rate or use train.amp=off"
             )
-        return record
+        if self.metrics is not None:
+            self.metrics.write(record)
+        if bar is not None and record["iter"] % self.cfg.train.log_every == 0:
+            bar.set_postfix(
+                loss=f"{record['loss/total']:.3f}",
+                tau_l=f"{record['tau_low']:.2f}",
+                tau_h=f"{record['tau_high']:.2f}",
+            )
 
     def _fixed_thresholds(self) -> dict[str, Any]:
         """The thresholds in force: the dynamic ones' current values, or the configured ones."""
