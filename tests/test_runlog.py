@@ -1,5 +1,6 @@
 """DeferredScalars: per-step records read back one step late, in order, as floats."""
 
+import pytest
 import torch
 
 from cosa.train.runlog import DeferredScalars
@@ -27,3 +28,13 @@ def test_a_record_without_tensors() -> None:
     records = DeferredScalars()
     records.push({"iter": 1, "lr": 0.5})
     assert records.flush() == {"iter": 1, "lr": 0.5}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_scalars_come_back_as_the_same_floats() -> None:
+    records = DeferredScalars()
+    loss = torch.tensor(0.75, device="cuda") * 2
+    records.push({"loss": loss, "tau": torch.tensor(0.5, device="cuda", dtype=torch.bfloat16)})
+    assert records.push({"loss": loss + 1}) == {"loss": 1.5, "tau": 0.5}
+    assert records.flush() == {"loss": 2.5}

@@ -155,3 +155,15 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(
     assert load_checkpoint(out / "checkpoints" / "last.pt").iteration == 2
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in steps if r["kind"] == "step"] == [1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trains_on_cuda_with_autocast_and_logs_every_step(tiny_data: Path, tmp_path: Path) -> None:
+    result = launch(_cfg(tiny_data), tmp_path / "run", device="cuda", progress=False)
+    assert result.iterations == 4
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4]
+    assert all(isinstance(r["loss/total"], float) and r["loss/total"] > 0 for r in steps)
+    assert steps[-1]["loss/seg"] > 0 and 0 < steps[-1]["tau_low"] < steps[-1]["tau_high"] < 1

@@ -320,7 +320,10 @@ class Trainer:
             start = time.perf_counter()
             batch = next(self.batches)
             self.iteration += 1
-            record = self._step(batch)
+            record = self._step(batch)  # queued on the device, not yet run
+            # Waits for the previous step's device work, so the host stays at most one step
+            # ahead and `elapsed` is the device's time per step once the loop is steady.
+            previous = records.flush()
             elapsed = time.perf_counter() - start
             timings.append(elapsed)
             record.update(
@@ -329,7 +332,8 @@ class Trainer:
                 sec_per_it=elapsed,
                 images_per_sec=cfg.train.batch_size / elapsed,
             )
-            self._log_step(records.push(record), bar)
+            records.push(record)
+            self._log_step(previous, bar)
             if bar is not None:
                 bar.update(1)
             evaluating = (
