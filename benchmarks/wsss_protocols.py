@@ -79,18 +79,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
         )
     lines += ["", "| | " + " | ".join(PROTOCOLS) + " |", "|---|" + "---:|" * len(PROTOCOLS)]
     by = {(r["variant"], r["seed"]): r for r in rows}
-    seeds = sorted({s for v, s in by if all((k, s) in by for k in "afg")})
-    for label, formula in (
-        ("f - a (points)", lambda a, f, g: 100 * (f - a)),
-        ("f / g", lambda a, f, g: 100 * f / g),
+    for label, keys, formula, unit in (
+        ("f - a (points)", "af", lambda a, f: 100 * (f - a), ""),
+        ("f / g", "fg", lambda f, g: 100 * f / g, "%"),
     ):
+        seeds = sorted({s for _, s in by if all((k, s) in by for k in keys)})
+        if not seeds:
+            continue
         cells = []
         for p in PROTOCOLS:
-            values = [formula(*(by[(k, s)][p] for k in "afg")) for s in seeds]
-            unit = "" if "points" in label else "%"
-            each = " / ".join(f"{v:+.1f}" if not unit else f"{v:.0f}%" for v in values)
-            mean = sum(values) / len(values) if values else float("nan")
-            cells.append(f"{each} (mean {mean:.1f}{unit})")
+            values = [formula(*(by[(k, s)][p] for k in keys)) for s in seeds]
+            each = " / ".join(f"{v:.0f}%" if unit else f"{v:+.1f}" for v in values)
+            cells.append(f"{each} (mean {sum(values) / len(values):.1f}{unit})")
         lines.append(f"| {label}, seeds {'/'.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
