@@ -261,7 +261,7 @@ def main() -> None:
         base,
         train=replace(
             base.train,
-            eval_every=max(1, args.iters // 3),
+            eval_every=max(1, -(-args.iters // 3)),  # the third evaluation is the last step
             checkpoint_every=args.iters,
             eval_max_images=0,
             vis_images=2,
