@@ -170,21 +170,27 @@ def test_native_multiscale_with_flip_is_flip_equivariant() -> None:
     assert np.abs(plain(mirrored) - plain(image)[:, :, ::-1]).max() > 1e-2
 
 
-def test_tta_protocol_scores_the_cam_with_its_own_scales(val_index, tmp_path: Path) -> None:
-    """deploy and paper score the CAM with the checkpoint's teacher scales + flip; tta with the
-    scales and flip it is given, so a CAM-only model can be compared at matched augmentation."""
+@pytest.fixture(scope="module")
+def random_checkpoint(val_index, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of a randomly initialised demo network whose teacher reads scales 1.0, 1.5."""
     from cosa.config import apply_overrides
-    from cosa.evaluation.run import evaluate_checkpoint
 
     cfg, net = _random_net(len(val_index.class_names) - 1)
     cfg = apply_overrides(cfg, {"pseudo.scales": [1.0, 1.5]})
     state = net.state_dict()
     names = list(val_index.class_names)
-    ckpt = Checkpoint(cfg, names, [[0, 0, 0]] * len(names), 0, state, state)
-    save_checkpoint(ckpt, tmp_path / "c.pt")
+    path = tmp_path_factory.mktemp("ckpt") / "c.pt"
+    save_checkpoint(Checkpoint(cfg, names, [[0, 0, 0]] * len(names), 0, state, state), path)
+    return path
+
+
+def test_tta_protocol_scores_the_cam_with_its_own_scales(val_index, random_checkpoint) -> None:
+    """deploy and paper score the CAM with the checkpoint's teacher scales + flip; tta with the
+    scales and flip it is given, so a CAM-only model can be compared at matched augmentation."""
+    from cosa.evaluation.run import evaluate_checkpoint
 
     def score(**kwargs):
-        return evaluate_checkpoint(tmp_path / "c.pt", val_index.root, device="cpu", **kwargs)
+        return evaluate_checkpoint(random_checkpoint, val_index.root, device="cpu", **kwargs)
 
     deploy = score()
     teacher = score(protocol="tta", scales=(1.0, 1.5), flip=True)
@@ -193,3 +199,21 @@ def test_tta_protocol_scores_the_cam_with_its_own_scales(val_index, tmp_path: Pa
     assert teacher.cam_miou == pytest.approx(deploy.cam_miou)
     assert teacher.cpl_coverage == pytest.approx(deploy.cpl_coverage)
     assert single.cpl_coverage != pytest.approx(deploy.cpl_coverage)
+
+
+def test_cli_eval_tta_prints_one_json_object(val_index, random_checkpoint) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    args = ["eval", str(random_checkpoint), "--data", str(val_index.root), "--json"]
+    tta = ["--protocol", "tta", "--scales", "1.0", "--no-flip", "--max-images", "2"]
+    res = CliRunner().invoke(app, args + tta)
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output)
+    assert result["protocol"] == "tta" and result["num_images"] == 2
+    assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["cam_miou"] <= 1.0
+    res = CliRunner().invoke(app, args + ["--protocol", "tta", "--scales", "1.0,x"])
+    assert res.exit_code == 2 and "--scales" in res.output
