@@ -39,8 +39,9 @@ REFERENCE_PAPER_SEC_PER_IT = 0.92  # the reference code, 2x RTX 3090 (METHOD.md)
 GOAL_PAPER_SEC_PER_IT = 0.3  # one H100 with autocast (the training issue, item 8)
 
 
-def configurations(data: Path, steps: int) -> dict[str, CosaConfig]:
-    """Name -> config. Every run: `steps` iterations, one evaluation at the end on 2 images."""
+def configurations(data: Path, steps: int) -> list[tuple[str, str, CosaConfig]]:
+    """(group, row name, config) triples; `--configs` picks groups. Every run: `steps`
+    iterations, one evaluation at the end on 2 images."""
     loop = {
         "data.root": str(data),
         "data.train_split": "train",
@@ -54,13 +55,20 @@ def configurations(data: Path, steps: int) -> dict[str, CosaConfig]:
         "model.pretrained": None,
     }
     demo = apply_overrides(preset("demo"), loop)
-    return {
-        "demo, warm-up (cls only)": apply_overrides(demo, {"loss.warmup_iters": steps + 1}),
-        "demo, full step": apply_overrides(demo, {"loss.warmup_iters": 0, "loss.warmup_ramp": 0}),
-        "paper (voc preset, ViT-B/16)": apply_overrides(
-            preset("voc"), {**loop, "loss.warmup_iters": 0, "loss.warmup_ramp": 0}
+    full_step = {"loss.warmup_iters": 0, "loss.warmup_ramp": 0}
+    return [
+        (
+            "demo",
+            "demo, warm-up (cls only)",
+            apply_overrides(demo, {"loss.warmup_iters": steps + 1}),
         ),
-    }
+        ("demo", "demo, full step", apply_overrides(demo, full_step)),
+        (
+            "paper",
+            "paper (voc preset, ViT-B/16)",
+            apply_overrides(preset("voc"), {**loop, **full_step}),
+        ),
+    ]
 
 
 def measure(cfg: CosaConfig, out: Path, device: str, warmup: int) -> dict:
@@ -135,8 +143,8 @@ def main() -> None:
         data = work / "data"
         write_synthetic_dataset(data, 32, 2, 0, seed=0)
         steps = args.warmup + args.iters
-        for name, cfg in configurations(data, steps).items():
-            if name.split(" ")[0].strip(",") not in wanted:
+        for group, name, cfg in configurations(data, steps):
+            if group not in wanted:
                 continue
             row = {"name": name, **measure(cfg, work / f"run{len(rows)}", args.device, args.warmup)}
             print(json.dumps(row), flush=True)

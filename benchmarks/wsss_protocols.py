@@ -13,9 +13,10 @@ therefore differ in test-time augmentation as well as in method. This script re-
                 (`cosa eval --protocol tta`)
 
 a's CAM uses the classes its own classifier predicts (sigmoid > 0.5), as in `wsss_synth.py`.
-Checkpoints were chosen on val by `wsss_synth.py`'s own metric (a: the teacher-TTA CAM), so the
-single-pass row of a is scored on a checkpoint chosen for another protocol; its val curve is flat
-at the end of training, so this is close to neutral.
+Checkpoints were chosen on val by `wsss_synth.py`'s own metric (a: the teacher-TTA CAM). In the
+800-iteration runs a's best checkpoint is its last, so the choice favours neither protocol; where
+it is not the last (seed 1 at 1600: iteration 1066), a's single-pass row is scored on a checkpoint
+chosen for the other protocol.
 
     python benchmarks/wsss_protocols.py --work runs/bench_wsss800_2s --out benchmarks/results
 """
