@@ -67,8 +67,8 @@ import numpy as np
 from PIL import Image
 
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec, ShapeProfile, write_spec
+from cosa.images import load_image
 from cosa.serving.background import ordered_calls
-from cosa.serving.images import load_image
 from cosa.serving.masks import palette_lut, write_mask
 from cosa.serving.runners import (
     OnnxRuntimeRunner,

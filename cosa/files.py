@@ -1,11 +1,90 @@
-"""File-system helpers shared by everything that writes a whole folder (datasets, exports)."""
+"""The file-system ground floor: atomic files and atomic folder swaps, for everything that writes.
+
+Atomic files: write to a temporary file in the target's folder, then `os.replace`. A reader (or a
+later `--skip-existing` run) sees either no file or the complete one, never an empty or
+half-written file: `os.replace` within one folder is atomic on POSIX and Windows. The temporary
+name is hidden (leading dot), keeps the target's suffix (OpenCV and Pillow pick the container from
+it), and is removed when writing fails or is interrupted.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+__all__ = ["atomic_path", "replace_folder", "write_bytes_atomic", "write_text_atomic"]
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success move it over `path`, on error delete it.
+
+    The temporary file is created empty (mode 0o666 minus the umask, like any new file, unlike
+    `tempfile.mkstemp`'s 0o600) so that its name is reserved; the caller overwrites it.
+
+    Args:
+        path: the final file. Its folder is created if missing.
+
+    Yields:
+        The temporary path, in the same folder, with the same suffix.
+
+    Raises:
+        OSError: the folder cannot be created or written (the caller names the file in its error).
+    """
+    tmp, fd = _create_temporary(path)
+    os.close(fd)
+    try:
+        yield tmp
+        if tmp.stat().st_size == 0:
+            # Every format written here has a non-empty encoding; an empty file means the writer
+            # silently failed (e.g. an OpenCV VideoWriter that wrote nothing).
+            raise OSError(f"writing {path} produced an empty file")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write already-encoded `data` to `path` atomically, with one file creation.
+
+    The same guarantees as `atomic_path`, for content encoded in memory: the temporary file is
+    created, written and closed through one descriptor, then renamed over `path`.
+
+    Raises:
+        OSError: the folder cannot be created or written, or `data` is empty.
+    """
+    if not data:
+        raise OSError(f"writing {path} produced an empty file")
+    tmp, fd = _create_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` as UTF-8 to `path` atomically (see `write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _create_temporary(path: Path) -> tuple[Path, int]:
+    """Create a new hidden file beside `path` (its folder made if missing); return it and an
+    open write descriptor. The name is `.<stem>.<random>.tmp<suffix>`, drawn until unused."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # another writer drew the same token: draw again
+            continue
 
 
 def replace_folder(staged: Path, out: Path) -> None:

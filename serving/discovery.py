@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from cosa.serving.images import SUPPORTED_SUFFIXES
+from cosa.images import SUPPORTED_SUFFIXES, is_image_name
 
 __all__ = ["Discovery", "InputItem", "Rejected", "discover_inputs"]
 
@@ -64,11 +64,6 @@ class Discovery:
     items: list[InputItem] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def is_image_name(name: str) -> bool:
-    """True when `name` ends with a supported image suffix, in any case (`a.JPG`, `b.TiFf`)."""
-    return Path(name).suffix.lower() in SUPPORTED_SUFFIXES
 
 
 def discover_inputs(inputs: Sequence[str], exclude: Path | None = None) -> Discovery:

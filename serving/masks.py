@@ -5,12 +5,11 @@ Names for an input whose output stem is `x/y/b` under `--out OUT`:
 - `OUT/x/y/b.npy` (`--format npy`): int32 (H, W) class ids, the deploy graph's `mask` dtype;
 - `OUT/x/y/b.overlay.jpg` (`--overlay`): the image with foreground classes tinted by their palette
   colour. A JPEG suffix can never clash with a mask file (`.png` / `.npy`) of another input.
-Every file is written atomically (`cosa.serving.atomic.atomic_path`).
+Every file is written atomically (`cosa.files.atomic_path`).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -19,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from cosa.errors import ConfigError
-from cosa.serving.atomic import atomic_path, write_bytes_atomic
+from cosa.files import atomic_path, write_bytes_atomic
+from cosa.images import encode_palette_png
 
 __all__ = [
     "MASK_FORMATS",
@@ -114,14 +114,11 @@ def write_mask(mask: np.ndarray, path: Path, fmt: MaskFormat, lut: np.ndarray) -
         ValueError: ids outside 0-255 for "png".
     """
     if fmt == "png":
-        img = Image.fromarray(_as_ids_u8(mask))  # mode "L"; putpalette makes it "P"
-        img.putpalette(lut.tobytes(), rawmode="RGB")
         # Encoded in memory, then written through one descriptor: a save to the temporary path
         # would create, close and reopen the file (file system calls cost about as much CPU as
         # encoding a mask this small).
-        encoded = io.BytesIO()
-        img.save(encoded, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
-        write_bytes_atomic(path, encoded.getvalue())
+        encoded = encode_palette_png(_as_ids_u8(mask), lut, compress_level=_PNG_COMPRESS_LEVEL)
+        write_bytes_atomic(path, encoded)
     elif fmt == "npy":
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(mask, dtype=np.int32))

@@ -46,9 +46,9 @@ from tqdm import tqdm
 
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.export.spec import MASK_NAME
+from cosa.images import SUPPORTED_SUFFIXES, ImageReadError, load_image
 from cosa.serving.background import ordered_calls, prefetch
 from cosa.serving.discovery import InputItem, discover_inputs
-from cosa.serving.images import SUPPORTED_SUFFIXES, ImageReadError, load_image
 from cosa.serving.masks import (
     MASK_FORMATS,
     MaskFormat,

@@ -47,10 +47,9 @@ from tqdm import tqdm
 
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.export.spec import MASK_NAME
-from cosa.serving.atomic import atomic_path
+from cosa.files import atomic_path
+from cosa.images import is_image_name, load_image
 from cosa.serving.background import ordered_calls, prefetch
-from cosa.serving.discovery import is_image_name
-from cosa.serving.images import load_image
 from cosa.serving.masks import blend_overlay, palette_lut, write_mask
 from cosa.serving.runners import Runner, images_to_batch
 

@@ -22,8 +22,8 @@ from serving_fixtures import (
 
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.export.spec import MASK_NAME
+from cosa.images import load_image
 from cosa.serving import segment as segment_module
-from cosa.serving.images import load_image
 from cosa.serving.runners import OnnxRuntimeRunner
 from cosa.serving.segment import PipelineLimits, SizeGrouper, segment_inputs
 

@@ -1,4 +1,4 @@
-"""`cosa.serving.images.load_image`: every kind of image and every kind of bad file of issue 5."""
+"""`cosa.images.load_image`: every kind of image and every kind of bad file of issue 5."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cosa.errors import InputError
-from cosa.serving.images import ImageReadError, load_image
+from cosa.images import ImageReadError, load_image
 
 RNG = np.random.default_rng(0)
 

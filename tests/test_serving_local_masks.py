@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cosa.errors import ConfigError
-from cosa.serving.atomic import atomic_path, write_bytes_atomic
+from cosa.files import atomic_path, write_bytes_atomic
 from cosa.serving.masks import (
     blend_overlay,
     colorize,

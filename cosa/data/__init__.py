@@ -5,7 +5,7 @@ The door of the package: import from `cosa.data`, not from its modules.
 
 from cosa.data.classes import COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES, voc_palette
 from cosa.data.datasets import detect_layout, open_dataset
-from cosa.data.image_io import palette_image, read_mask, read_rgb
+from cosa.data.image_io import read_mask, read_rgb
 from cosa.data.index import DatasetIndex, Sample, labels_from_mask
 from cosa.data.loaders import EvalDataset, TrainDataset
 from cosa.data.synth import (
@@ -31,6 +31,7 @@ from cosa.data.transforms import (
     normalize,
     sample_view_params,
 )
+from cosa.images import palette_image
 
 __all__ = [
     "COCO_CLASSES",

@@ -1,7 +1,8 @@
-"""Reading images and masks from disk, and writing palette masks.
+"""Reading dataset images and masks from disk.
 
-Images are returned as RGB with the EXIF orientation applied (a phone photo stored sideways comes
-back upright); masks are returned as raw ids, never through the palette.
+Images go through the one decoder (`cosa.images.load_image`: EXIF orientation applied, so a phone
+photo stored sideways comes back upright); masks are returned as raw ids, never through the
+palette.
 """
 
 from __future__ import annotations
@@ -9,34 +10,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from cosa.errors import DataError
+from cosa.images import ImageReadError, load_image
 
 MASK_MODES = ("P", "L")
 """PIL modes accepted for masks: palette (VOC) and 8-bit grey (COCO conversions often use it)."""
 
 
 def read_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB, EXIF orientation applied.
+    """Open a dataset image as RGB through the one decoder (`cosa.images.load_image`).
 
-    Args:
-        path: any format Pillow reads (JPEG, PNG, ...); grey or CMYK images are converted.
+    The same pixels `cosa segment` sees: EXIF orientation applied, alpha composited onto black,
+    16-bit scaled to 8 bit (see `cosa.images` for the whole policy).
 
     Returns:
-        A loaded PIL image in mode "RGB".
+        A PIL image in mode "RGB" at the displayed size.
 
     Raises:
-        DataError: the file is missing or not a readable image.
+        DataError: the file is missing or not a readable image (the message names it).
     """
     try:
-        with Image.open(path) as img:
-            upright = ImageOps.exif_transpose(img)
-            return upright.convert("RGB")
-    except FileNotFoundError as exc:
-        raise DataError(f"image {path} does not exist; check the dataset folder") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"image {path} cannot be read ({exc}); replace or remove it") from exc
+        return Image.fromarray(load_image(path))
+    except ImageReadError as exc:
+        raise DataError(
+            f"image {exc.path} cannot be read: {exc.reason}; replace the file or remove it "
+            "from the dataset"
+        ) from exc
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -64,20 +65,3 @@ def read_mask(path: Path) -> np.ndarray:
         raise DataError(f"mask {path} does not exist; check the dataset folder") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"mask {path} cannot be read ({exc}); replace or remove it") from exc
-
-
-def palette_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
-    """Wrap an id mask as a palette ("P") image.
-
-    Args:
-        mask: uint8 (H, W) ids.
-        palette: uint8 (n, 3) colours, n <= 256; missing entries are black.
-
-    Returns:
-        A PIL image in mode "P" whose pixel values are the ids of `mask`.
-    """
-    flat = np.zeros((256, 3), dtype=np.uint8)
-    flat[: len(palette)] = palette
-    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))  # mode "L"
-    img.putpalette(flat.ravel().tolist())  # "L" + palette -> "P", ids unchanged
-    return img

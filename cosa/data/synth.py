@@ -73,12 +73,12 @@ import numpy as np
 from PIL import Image
 
 from cosa.data.classes import CLASSES_FILENAME, IGNORE_INDEX, classes_file_text, voc_palette
-from cosa.data.image_io import palette_image
 from cosa.data.index import LABELS_FILENAME, SPLIT_DIR, labels_from_mask
 from cosa.data.synth_scene import ClassSpec, ObjectPlan, ScenePlan, render_scene
 from cosa.data.synth_textures import CONTEXTS
 from cosa.errors import DataError
 from cosa.files import replace_folder
+from cosa.images import palette_image
 
 logger = logging.getLogger(__name__)
 
