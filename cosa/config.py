@@ -10,7 +10,6 @@ naming the key and the expected type. No registries, no inheritance, no `eval`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -19,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from cosa.errors import ConfigError
+from cosa.errors import ConfigError, did_you_mean
+from cosa.files import write_text_atomic
 
 BACKBONES = ("efficientnet_lite0", "vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16")
 
@@ -298,11 +298,6 @@ def preset(name: str) -> CosaConfig:
 # ----------------------------------------------------------------------------------- overrides
 
 
-def _suggest(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check/convert `value` to the dataclass field type `annotation`."""
     hint = annotation
@@ -347,7 +342,7 @@ def _apply(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
     if head not in by_name:
         where = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
         raise ConfigError(
-            f"unknown config key {full_key!r}{_suggest(head, by_name)}; "
+            f"unknown config key {full_key!r}{did_you_mean(head, by_name)}; "
             f"valid keys under {where or 'the top level'}: {', '.join(by_name)}"
         )
     current = getattr(obj, head)
@@ -438,6 +433,4 @@ def resolve(
 
 def dump_yaml(cfg: CosaConfig, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -5,6 +5,19 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
+    """" (did you mean 'x'?)" for the closest of `choices` to `word`, or "" when none is close.
+
+    `cutoff` is difflib's similarity ratio in [0, 1]; file paths share long prefixes and suffixes,
+    so callers matching paths ask for more than names do.
+    """
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 class CosaError(Exception):
     """Base class of every error a user can fix (bad input, configuration, files)."""

@@ -22,7 +22,7 @@ from cosa.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-DatasetKind = Literal["voc", "coco", "synth"]
+DatasetKind = Literal["voc", "coco", "synth", "tagged"]
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
 LABELS_FILENAME = "cls_labels_onehot.npy"
 
@@ -32,8 +32,9 @@ class Sample:
     """One image of a split.
 
     Attributes:
-        name: the id in the split list (file stem), e.g. "2007_000032".
-        image_path: the JPEG.
+        name: the id in the split list (file stem), e.g. "2007_000032"; in a tagged folder the
+            image's path relative to `images/`, e.g. "dogs/001.jpg".
+        image_path: the image file.
         mask_path: the id mask (palette PNG), or None when the split has labels but no masks
             (e.g. VOC `train_aug` without `SegmentationClassAug/`).
         label: float32 (C,) image-level label, 1 where the foreground class is present (read-only).
@@ -52,7 +53,8 @@ class DatasetIndex:
     Attributes:
         root: the dataset folder.
         kind: the detected layout.
-        split: the split name (its list is `ImageSets/Segmentation/<split>.txt`).
+        split: the split name (its list is `ImageSets/Segmentation/<split>.txt`; a tagged
+            folder's splits are train, val and test).
         class_names: names incl. background at index 0; K = len(class_names).
         palette: one (r, g, b) per class id, 0..255.
         samples: in list-file order.
