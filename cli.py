@@ -27,7 +27,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Datasets: the synthetic benchmark.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: check a folder, write the synthetic benchmark.", no_args_is_help=True
+)
 triton_app = typer.Typer(
     help="Triton Inference Server: repository, local server, set-up.", no_args_is_help=True
 )
@@ -101,6 +103,79 @@ def data_synth(
     out_console.print(f"wrote {summary} to {out}")
 
 
+PROBLEMS_SHOWN = 20  # per severity in the text report; --json lists every one
+
+
+@data_app.command("check")
+@reports_errors
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Dataset folder (any layout).", metavar="DIR")],
+    train_split: Annotated[
+        str, typer.Option(help="Split whose classes need 5+ images (a warning otherwise).")
+    ] = "train",
+    val_fraction: Annotated[
+        float, typer.Option(help="Tagged folder without a split column: share drawn into val.")
+    ] = 0.1,
+    split_seed: Annotated[int, typer.Option(help="Seed of that draw.")] = 0,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Validate a dataset folder and summarise it; exit 2 on errors, 0 with warnings only."""
+    from cosa.data.check import check_dataset
+
+    report = check_dataset(
+        root,
+        train_split=train_split,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        progress=not json_,
+    )
+    if json_:
+        print_json(report.to_json())
+    else:
+        _print_data_report(report)
+    if report.errors:
+        raise typer.Exit(2)
+
+
+def _print_data_report(report: Any) -> None:
+    derived = " (drawn: no split column)" if report.split_derived else ""
+    out_console.print(
+        f"{report.root}: {report.layout} layout, {len(report.class_names) - 1} classes from "
+        f"{report.class_source}, splits {', '.join(report.splits) or 'none'}{derived}",
+        highlight=False,
+    )
+    splits = Table(title="images per split")
+    for column in ("split", "images", "with masks", "without tags"):
+        splits.add_column(column, justify="left" if column == "split" else "right")
+    for name, summary in report.splits.items():
+        splits.add_row(
+            name, str(summary.images), str(summary.with_masks), str(summary.without_tags)
+        )
+    out_console.print(splits)
+    classes = Table(title="images per class")
+    classes.add_column("class")
+    for name in report.splits:
+        classes.add_column(name, justify="right")
+    for i, name in enumerate(report.class_names[1:]):
+        counts = [str(s.per_class[name]) for s in report.splits.values()]
+        classes.add_row(f"{i + 1} {name}", *counts)
+    out_console.print(classes)
+    if report.pairs:
+        pairs = ", ".join(f"{a} + {b} ({n})" for a, b, n in report.pairs)
+        out_console.print(f"most frequent class pairs: {pairs}", highlight=False)
+    for kind, problems in (("error", report.errors), ("warning", report.warnings)):
+        for problem in problems[:PROBLEMS_SHOWN]:
+            err_console.print(f"{kind}: {problem}", highlight=False, soft_wrap=True)
+        if len(problems) > PROBLEMS_SHOWN:
+            err_console.print(
+                f"... and {len(problems) - PROBLEMS_SHOWN} more {kind}s (--json lists all)"
+            )
+    out_console.print(
+        f"{len(report.errors)} errors, {len(report.warnings)} warnings; "
+        f"{report.images_checked} images decoded"
+    )
+
+
 # ------------------------------------------------------------------------------------------ train
 
 
@@ -169,12 +244,13 @@ def train(
         return
     out_console.print(f"run folder: {out}")
     out_console.print(
-        f"checkpoints: {summary['last_checkpoint']} (best on "
+        f"checkpoints: {summary['last_checkpoint']} (best by {summary['selection_metric']} on "
         f"{summary.get('selection_split')}: {summary['best_checkpoint']})"
     )
-    if summary.get("best_val_miou") is not None:
+    if summary.get("best_score") is not None:
         out_console.print(
-            f"best val mIoU {summary['best_val_miou']:.4f} at iteration {summary['best_iteration']}"
+            f"best {summary.get('selection_split')} {summary['selection_metric']} "
+            f"{summary['best_score']:.4f} at iteration {summary['best_iteration']}"
         )
     if summary.get("test"):
         out_console.print(
@@ -245,17 +321,87 @@ def eval_(
         table.add_row(
             name, "-" if iou is None else f"{iou:.4f}", "-" if masked is None else f"{masked:.4f}"
         )
-    out_console.print(table)
-    out_console.print(
-        f"mIoU {result.miou:.4f}   (label-masked mIoU, uses GT image labels: "
-        f"{result.miou_label_masked:.4f})   images {result.num_images}"
-    )
+    if result.miou is None:
+        out_console.print(
+            f"no masks in split {split}: no mIoU; tag F1 {result.tag_f1:.4f} "
+            f"(the seg stream's classes against the tags)   images {result.num_images}"
+        )
+    else:
+        out_console.print(table)
+        out_console.print(
+            f"mIoU {result.miou:.4f} on {result.num_images_with_masks} images with masks   "
+            f"(label-masked mIoU, uses GT image labels: {result.miou_label_masked:.4f})   "
+            f"tag F1 {result.tag_f1:.4f} on {result.num_images} images"
+        )
     if result.cam_miou is not None:
         out_console.print(
             f"CAM mIoU {result.cam_miou:.4f} (GT image labels; with the classifier's own "
             f"labels {result.cam_miou_predicted_labels:.4f})   CPL mIoU {result.cpl_miou:.4f} "
             f"(coverage {result.cpl_coverage:.2f})"
         )
+    chosen = result.extra.get("checkpoint")
+    if chosen and chosen.get("selection_metric"):
+        best = chosen.get("best_score")
+        out_console.print(
+            f"checkpoint at iteration {chosen['iteration']}; its run keeps as best.pt the "
+            f"evaluation with the highest {chosen['selection_metric']} on "
+            f"{chosen.get('selection_split')} "
+            + (f"({best:.4f} at iteration {chosen['best_iteration']})" if best is not None else "")
+        )
+
+
+# ----------------------------------------------------------------------------------------- pseudo
+
+
+@app.command()
+@reports_errors
+def pseudo(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Checkpoint (.pt) written by `cosa train`.", metavar="CHECKPOINT")
+    ],
+    data: Annotated[Path, typer.Option(help="The dataset it was trained on (any layout).")],
+    out: Annotated[Path, typer.Option(help="Tagged folder to write (images, masks, labels).")],
+    split: Annotated[str, typer.Option(help="Split to pseudo-label.")] = "train",
+    min_confidence: Annotated[
+        float, typer.Option(help="Pixels whose class probability is lower become 255 (ignored).")
+    ] = 0.5,
+    skip_existing: Annotated[
+        bool, typer.Option(help="Resume: keep the masks an interrupted run wrote.")
+    ] = False,
+    copy: Annotated[bool, typer.Option(help="Copy the images instead of hard-linking.")] = False,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Pseudo-masks for a second, fully supervised stage, written as a tagged folder."""
+    from cosa.pseudo.second_stage import write_pseudo_dataset
+
+    result = write_pseudo_dataset(
+        checkpoint,
+        data,
+        out,
+        split=split,
+        min_confidence=min_confidence,
+        skip_existing=skip_existing,
+        copy=copy,
+        device=device.value,
+        progress=not json_,
+    )
+    if json_:
+        print_json(result.to_json())
+        return
+    out_console.print(
+        f"{result.pseudo_masks} pseudo-masks ({result.written} written, {result.skipped} kept) "
+        f"and {result.images - result.pseudo_masks} other images -> {out} "
+        f"({result.seconds:.0f} s)"
+    )
+    if result.miou is not None:
+        out_console.print(
+            f"against the ground truth of {result.scored} images: mIoU {result.miou:.4f} on the "
+            f"pixels they label, coverage {result.coverage:.2f}"
+        )
+    out_console.print(
+        f"second stage: cosa train --data {out} --set train.supervision=full --out RUN"
+    )
 
 
 # ------------------------------------------------------------------------------------------- demo

@@ -45,6 +45,10 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"  # used for checkpoint selection
     test_split: str | None = None  # reported split, never used for selection
+    # A tagged folder without a split column: share of each class group drawn into val, and the
+    # seed of that draw (kept apart from train.seed so runs of several seeds share one val split).
+    val_fraction: float = 0.1
+    split_seed: int = 0
     crop_size: int = 448
     scale_min: float = 0.5
     scale_max: float = 2.0
@@ -139,9 +143,11 @@ class TrainConfig:
 
     max_iters: int = 32000
     batch_size: int = 4  # global batch; divided across DDP ranks
-    # Val metric choosing best.pt: miou (seg stream) | cam_miou | cam_miou_predicted_labels (CAM
-    # baselines; the latter picks classes with the network's own classifier, as deployed).
-    select_metric: str = "miou"
+    # Val metric choosing best.pt: auto (miou when any val image has a mask, else tag_f1) | miou
+    # (seg stream, on the val images with masks) | tag_f1 (needs no masks: the seg stream's classes
+    # against each image's tags) | cam_miou | cam_miou_predicted_labels (CAM baselines; the latter
+    # picks classes with the network's own classifier, as deployed).
+    select_metric: str = "auto"
     supervision: str = "weak"  # weak (CoSA) | full (pixel labels: the fully supervised upper bound)
     seed: int = 0
     eval_every: int = 2000

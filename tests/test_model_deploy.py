@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from cosa.config import ModelConfig
 from cosa.model import CosaNet, DeployModel, build_model
+from cosa.model.deploy import network_size
 
 pytestmark = pytest.mark.usefixtures("no_network")  # weights come from local files only
 
@@ -33,7 +34,7 @@ def net(request: pytest.FixtureRequest) -> CosaNet:
     ],
 )
 def test_network_size_rounds_to_nearest_multiple_of_16(size: tuple, expected: tuple) -> None:
-    assert DeployModel.network_size(*size) == expected
+    assert network_size(*size) == expected
 
 
 def test_outputs_at_input_size_and_mask_is_argmax_of_seg_stream(net: CosaNet) -> None:

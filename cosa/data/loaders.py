@@ -41,6 +41,7 @@ class TrainDataset(Dataset):
 
         Raises:
             ConfigError: crop_size < 16, a scale range that is not 0 < low <= high, or seed < 0.
+            DataError: `with_masks` and some image has no mask.
         """
         low, high = scale_range
         if crop_size < 16:
@@ -51,6 +52,15 @@ class TrainDataset(Dataset):
             )
         if seed < 0:
             raise ConfigError(f"seed must be >= 0, got {seed}")
+        if with_masks:
+            missing = [s for s in index.samples if s.mask_path is None]
+            if missing:
+                raise DataError(
+                    f"fully supervised training (train.supervision=full) needs a mask for every "
+                    f"image of split {index.split!r} of {index.root}, but {len(missing)} of "
+                    f"{len(index.samples)} have none (first: {missing[0].image_path}); add their "
+                    "masks (`cosa pseudo` writes them) or train with train.supervision=weak"
+                )
         self.index = index
         self.crop_size = crop_size
         self.scale_range = (float(low), float(high))
@@ -82,54 +92,39 @@ class TrainDataset(Dataset):
             "index": i,
         }
         if self.with_masks:
-            if sample.mask_path is None:
-                raise DataError(
-                    f"{sample.image_path}: fully supervised training needs a mask for "
-                    f"every image, none found for {sample.name}"
-                )
+            assert sample.mask_path is not None  # checked by __init__
             item["mask"] = mask_view(read_mask(sample.mask_path), self.crop_size, params)
         return item
 
 
 class EvalDataset(Dataset):
-    """Whole images with their masks, unaugmented, for evaluation.
+    """Whole images with their masks (where they have one), unaugmented, for evaluation.
 
     Each item is a dict:
         image: uint8 (H, W, 3) RGB (EXIF orientation applied);
-        mask: uint8 (H, W) ids, 255 = ignore;
+        mask: uint8 (H, W) ids, 255 = ignore; None for an image without a mask;
         label: float32 (C,) image-level label;
         name: the sample's name.
     """
 
     def __init__(self, index: DatasetIndex) -> None:
-        """
-        Raises:
-            DataError: some samples have no mask.
-        """
-        missing = [s.name for s in index.samples if s.mask_path is None]
-        if missing:
-            raise DataError(
-                f"split {index.split!r} of {index.root}: {len(missing)} of {len(index.samples)} "
-                f"images have no mask (first: {missing[0]}); evaluate on a split with masks "
-                "(e.g. val) or add SegmentationClass/ PNGs"
-            )
         self.index = index
 
     def __len__(self) -> int:
         return len(self.index.samples)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray | str]:
+    def __getitem__(self, i: int) -> dict[str, np.ndarray | str | None]:
         sample = self.index.samples[i]
-        if sample.mask_path is None:  # excluded by __init__; kept for type narrowing
-            raise DataError(f"{sample.name} has no mask")
         image = np.asarray(read_rgb(sample.image_path), dtype=np.uint8)
-        mask = read_mask(sample.mask_path)
-        if mask.shape != image.shape[:2]:
-            raise DataError(
-                f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
-                f"{sample.image_path} is {image.shape[1]}x{image.shape[0]} (after EXIF "
-                "rotation); masks must match their images"
-            )
+        mask = None
+        if sample.mask_path is not None:
+            mask = read_mask(sample.mask_path)
+            if mask.shape != image.shape[:2]:
+                raise DataError(
+                    f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
+                    f"{sample.image_path} is {image.shape[1]}x{image.shape[0]} (after EXIF "
+                    "rotation); masks must match their images"
+                )
         return {
             "image": image,
             "mask": mask,

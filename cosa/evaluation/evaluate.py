@@ -1,6 +1,7 @@
 """Score a predictor on a dataset split.
 
-Plain mIoU (headline), label-masked mIoU, CAM and CPL quality.
+Plain mIoU (headline), label-masked mIoU, CAM and CPL quality on the images that have masks; tag F1
+(`cosa.evaluation.metrics.TagAgreement`) on every image, masks or not.
 
 METHOD.md section 7. The label-masked metric (the reference's "Seg_vd") sets the logits of
 foreground classes absent from the ground-truth image label to -inf before the argmax: it leaks
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from cosa.data import DatasetIndex, EvalDataset
-from cosa.evaluation.metrics import ConfusionMatrix
+from cosa.evaluation.metrics import ConfusionMatrix, TagAgreement
 from cosa.evaluation.predictors import Predictor, normalised_image
 from cosa.model import CosaNet
 from cosa.pseudo import cam_pseudo_label, teacher_forward
@@ -29,16 +30,22 @@ CAM_BACKGROUND_THRESHOLD = 0.5  # METHOD.md 7: CAM metric puts background where 
 
 @dataclass
 class EvalResult:
-    """Scores of one split. mIoU values are fractions in [0, 1]."""
+    """Scores of one split. mIoU values are fractions in [0, 1].
 
-    miou: float
-    miou_label_masked: float
-    pixel_accuracy: float
+    The mask scores (mIoU, pixel accuracy, CAM and CPL quality) cover the `num_images_with_masks`
+    images that have a mask and are None when none has; `tag_f1` covers all `num_images`.
+    """
+
+    miou: float | None
+    miou_label_masked: float | None
+    pixel_accuracy: float | None
     per_class: dict[str, float | None]
     per_class_label_masked: dict[str, float | None]
     num_images: int
     split: str
     protocol: str
+    tag_f1: float = float("nan")
+    num_images_with_masks: int = 0
     cam_miou: float | None = None  # GT image labels pick the classes (the WSSS convention)
     cam_miou_predicted_labels: float | None = None  # the classifier picks them (deployable)
     cpl_miou: float | None = None
@@ -55,7 +62,9 @@ class EvalResult:
             "cam_miou_predicted_labels": self.cam_miou_predicted_labels,
             "cpl_miou": self.cpl_miou,
             "cpl_coverage": self.cpl_coverage,
+            "tag_f1": self.tag_f1,
             "num_images": self.num_images,
+            "num_images_with_masks": self.num_images_with_masks,
             "split": self.split,
             "protocol": self.protocol,
             "per_class": self.per_class,
@@ -138,14 +147,14 @@ def evaluate(
     cam_quality: CamQuality | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Run `predictor` over the split of `index` and score it against its masks.
+    """Run `predictor` over the split of `index`; score it against its masks and its tags.
 
     Args:
         predictor: image (H, W, 3) uint8 -> logits (K, H, W) float32.
-        index: an opened split with masks.
+        index: an opened split; images without a mask count for tag F1 only.
         protocol: a label for the report ("deploy", "paper" or "tta").
         max_images: score only the first N images (0 = all).
-        cam_quality: optional CAM/CPL scorer fed the same images.
+        cam_quality: optional CAM/CPL scorer fed the images that have masks.
         progress: optional callback `(done, total)`.
     """
     dataset = EvalDataset(index)
@@ -153,34 +162,45 @@ def evaluate(
     num_classes = len(index.class_names)
     plain = ConfusionMatrix(num_classes)
     masked = ConfusionMatrix(num_classes)
+    tags = TagAgreement(num_classes - 1)
+    with_masks = 0
     start = time.perf_counter()
     for i in range(total):
         item = dataset[i]
         logits = np.asarray(predictor(item["image"]), dtype=np.float32)  # (K, H, W)
+        prediction = logits.argmax(0)
+        tags.update(prediction, item["label"])
         mask = item["mask"]
-        if logits.shape[1:] != mask.shape:
-            raise ValueError(f"{item['name']}: prediction {logits.shape[1:]} != mask {mask.shape}")
-        plain.update(logits.argmax(0), mask)
-        present = np.concatenate([[1.0], item["label"]]) > 0  # background always allowed
-        masked_logits = np.where(present[:, None, None], logits, -np.inf)
-        masked.update(masked_logits.argmax(0), mask)
-        if cam_quality is not None:
-            cam_quality.update(item["image"], mask, item["label"])
+        if mask is not None:
+            if logits.shape[1:] != mask.shape:
+                raise ValueError(
+                    f"{item['name']}: prediction {logits.shape[1:]} != mask {mask.shape}"
+                )
+            with_masks += 1
+            plain.update(prediction, mask)
+            present = np.concatenate([[1.0], item["label"]]) > 0  # background always allowed
+            masked_logits = np.where(present[:, None, None], logits, -np.inf)
+            masked.update(masked_logits.argmax(0), mask)
+            if cam_quality is not None:
+                cam_quality.update(item["image"], mask, item["label"])
         if progress is not None:
             progress(i + 1, total)
     plain_scores, masked_scores = plain.scores(), masked.scores()
+    names = list(index.class_names)
     result = EvalResult(
-        miou=plain_scores.miou,
-        miou_label_masked=masked_scores.miou,
-        pixel_accuracy=plain_scores.pixel_accuracy,
-        per_class=plain_scores.per_class(list(index.class_names)),
-        per_class_label_masked=masked_scores.per_class(list(index.class_names)),
+        miou=plain_scores.miou if with_masks else None,
+        miou_label_masked=masked_scores.miou if with_masks else None,
+        pixel_accuracy=plain_scores.pixel_accuracy if with_masks else None,
+        per_class=plain_scores.per_class(names) if with_masks else {},
+        per_class_label_masked=masked_scores.per_class(names) if with_masks else {},
         num_images=total,
         split=index.split,
         protocol=protocol,
+        tag_f1=tags.score(),
+        num_images_with_masks=with_masks,
         seconds=time.perf_counter() - start,
     )
-    if cam_quality is not None:
+    if cam_quality is not None and with_masks:
         result.cam_miou = cam_quality.cam_matrix.scores().miou
         result.cam_miou_predicted_labels = cam_quality.cam_predicted_matrix.scores().miou
         result.cpl_miou = cam_quality.cpl_matrix.scores().miou

@@ -1,4 +1,5 @@
-"""Segmentation metrics from one confusion matrix (METHOD.md section 7)."""
+"""Segmentation metrics: mIoU from one confusion matrix (METHOD.md section 7), and tag F1, the
+agreement of a segmentation with the image's tags, which needs no masks."""
 
 from __future__ import annotations
 
@@ -66,3 +67,40 @@ class SegmentationScores:
             name: (None if np.isnan(v) else float(v))
             for name, v in zip(class_names, self.iou, strict=True)
         }
+
+
+MIN_TAG_AREA = 0.01
+"""Share of an image a class must cover to count as predicted by `TagAgreement`. Bilinear upsampling
+of stride-16 logits leaves slivers of a neighbouring class along object borders; 1% of the image
+ignores those while a small object (a 16 x 16 cell of a 160 x 160 image) still counts."""
+
+
+class TagAgreement:
+    """Mean per-image F1 between the classes a segmentation shows and the image's tags.
+
+    For one image, predicted = foreground classes covering at least `min_area` of its pixels,
+    tagged = its image-level label; F1 = 2 |predicted & tagged| / (|predicted| + |tagged|), and 1.0
+    when both are empty (a background-only image segmented as background). The score is the mean
+    over images: it rewards finding every tagged class and penalises inventing untagged ones, and
+    it needs no masks, so it can choose a checkpoint on a validation split that has only tags.
+    """
+
+    def __init__(self, num_foreground: int, min_area: float = MIN_TAG_AREA) -> None:
+        self.num_foreground = num_foreground
+        self.min_area = min_area
+        self.total = 0.0
+        self.images = 0
+
+    def update(self, prediction: np.ndarray, label: np.ndarray) -> None:
+        """Add one image: `prediction` integer (H, W) class ids, `label` (C,) in {0, 1}."""
+        counts = np.bincount(prediction.ravel(), minlength=self.num_foreground + 1)
+        predicted = counts[1 : self.num_foreground + 1] >= self.min_area * prediction.size
+        tagged = np.asarray(label) > 0
+        both = int(np.sum(predicted & tagged))
+        either = int(predicted.sum() + tagged.sum())
+        self.total += 1.0 if either == 0 else 2.0 * both / either
+        self.images += 1
+
+    def score(self) -> float:
+        """The mean F1 in [0, 1] (NaN before any image)."""
+        return self.total / self.images if self.images else float("nan")

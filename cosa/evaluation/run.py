@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cosa.checkpoint import build_teacher_from_checkpoint, load_checkpoint
-from cosa.data import open_dataset
-from cosa.errors import CheckpointError, ConfigError
+from cosa.checkpoint import Checkpoint, build_teacher_from_checkpoint, load_checkpoint
+from cosa.data import DatasetIndex, open_dataset
+from cosa.errors import ConfigError
 from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
 from cosa.evaluation.predictors import (
     DeployPredictor,
@@ -38,22 +38,18 @@ def evaluate_checkpoint(
     checkpoint's teacher scales (+ flip) except under "tta", where they use `scales` and `flip`
     too, so a CAM-only model and a seg stream can be compared with the same augmentation.
 
+    The result's `extra["checkpoint"]` holds the checkpoint's iteration and how its run chooses
+    best.pt (`selection_metric`, `selection_split`, `best_score`, `best_iteration`).
+
     Raises:
-        ConfigError: unknown protocol. CheckpointError: unreadable checkpoint, or its classes do not
-        match the dataset's. DataError: bad dataset.
+        ConfigError: unknown protocol. CheckpointError: unreadable checkpoint. DataError: bad
+        dataset, or its classes do not match the checkpoint's.
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=torch_device)
-    index = open_dataset(data, split)
-    if list(index.class_names) != list(ckpt.class_names):
-        raise CheckpointError(
-            f"{checkpoint} predicts {len(ckpt.class_names)} classes "
-            f"({', '.join(ckpt.class_names[:4])}, ...) "
-            f"but {data} has {len(index.class_names)} ({', '.join(index.class_names[:4])}, ...); "
-            "evaluate on the dataset the model was trained for"
-        )
+    index = open_checkpoint_data(ckpt, data, split)
     net = build_teacher_from_checkpoint(ckpt).to(torch_device)
     predictor: Predictor
     if protocol == "paper":
@@ -73,4 +69,24 @@ def evaluate_checkpoint(
         quality = CamQuality(
             net, torch_device, len(index.class_names), cam_scales, low, high, flip=cam_flip
         )
-    return evaluate(predictor, index, protocol=protocol, max_images=max_images, cam_quality=quality)
+    result = evaluate(
+        predictor, index, protocol=protocol, max_images=max_images, cam_quality=quality
+    )
+    result.extra["checkpoint"] = {"iteration": ckpt.iteration, **ckpt.metrics}
+    return result
+
+
+def open_checkpoint_data(ckpt: Checkpoint, data: Path, split: str) -> DatasetIndex:
+    """Open `split` of `data` as the checkpoint's run saw it: its class ids, and for a tagged
+    folder without a split column its seeded split.
+
+    Raises:
+        DataError: bad dataset, or classes that differ from the checkpoint's.
+    """
+    return open_dataset(
+        data,
+        split,
+        class_names=ckpt.class_names,
+        val_fraction=ckpt.config.data.val_fraction,
+        split_seed=ckpt.config.data.split_seed,
+    )

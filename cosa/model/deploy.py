@@ -20,6 +20,18 @@ IMAGENET_STD_255 = tuple(255.0 * s for s in IMAGENET_STD)
 SIZE_MULTIPLE = 16
 
 
+def network_size(height: int, width: int) -> tuple[int, int]:
+    """Size the network runs at for an (height, width) input: nearest multiple of 16, >= 16.
+
+    Works on Python ints and on symbolic sizes during export (floor division only).
+    """
+
+    def nearest(size: int) -> int:
+        return torch.sym_max((size + SIZE_MULTIPLE // 2) // SIZE_MULTIPLE, 1) * SIZE_MULTIPLE
+
+    return nearest(height), nearest(width)
+
+
 class DeployModel(nn.Module):
     """Segmentation stream of a `CosaNet` (the assignment network at deploy time) with its pre- and
     post-processing.
@@ -45,18 +57,6 @@ class DeployModel(nn.Module):
             "pixel_std", torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1), persistent=False
         )
 
-    @staticmethod
-    def network_size(height: int, width: int) -> tuple[int, int]:
-        """Size the network runs at for an (height, width) input: nearest multiple of 16, >= 16.
-
-        Works on Python ints and on symbolic sizes during export (floor division only).
-        """
-
-        def nearest(size: int) -> int:
-            return torch.sym_max((size + SIZE_MULTIPLE // 2) // SIZE_MULTIPLE, 1) * SIZE_MULTIPLE
-
-        return nearest(height), nearest(width)
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment a batch.
 
@@ -72,7 +72,7 @@ class DeployModel(nn.Module):
         # Always resize, even when already a multiple of 16 (then it is the identity): a size check
         # would be a Python branch that export specialises on.
         x = F.interpolate(
-            x, size=self.network_size(height, width), mode="bilinear", align_corners=False
+            x, size=network_size(height, width), mode="bilinear", align_corners=False
         )
         seg = self.net.forward_seg(x)  # (N, K, H' / 16, W' / 16)
         logits = F.interpolate(seg, size=(height, width), mode="bilinear", align_corners=False)

@@ -1,6 +1,8 @@
 """Teacher pseudo-labels: the multi-scale teacher pass, CPL/SPL, and dynamic thresholds.
 
-METHOD.md sections 3 and 5.2.
+METHOD.md sections 3 and 5.2. `cosa.pseudo.second_stage` (`cosa pseudo`: pseudo-masks of a trained
+model for a second, fully supervised stage) is imported on its own: it builds on
+`cosa.evaluation`, which builds on this package.
 """
 
 from cosa.pseudo.labels import IGNORE_INDEX, box_mask, cam_pseudo_label, seg_pseudo_label

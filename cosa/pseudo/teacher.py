@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cosa.errors import ConfigError
+from cosa.model.deploy import network_size
 from cosa.model.outputs import NetOutput
 
 # Added to the spatial range before dividing, as the reference does, so an all-zero map stays zero.
@@ -61,7 +62,9 @@ def teacher_forward(
 ) -> TeacherOutput:
     """Run the assignment network over scales (+ flips) and fuse its CAM and seg outputs.
 
-    For each scale s the weak images are resized (bilinear) to round(s*H) x round(s*W) and, when
+    For each scale s the weak images are resized (bilinear) to round(s*H) x round(s*W), rounded to
+    the nearest multiple of 16 (`cosa.model.deploy.network_size`; crops of 448 or 160 at the
+    presets' scales are multiples already), and, when
     `flip`, stacked with their horizontal mirror into one batch of 2B, so each scale is a single
     forward. Outputs are upsampled back to H x W, the mirrored half is un-flipped, and the pair is
     fused: element-wise max for CAMs (then ReLU), sum for seg logits. Scales are summed.
@@ -97,7 +100,10 @@ def teacher_forward(
     seg_sum: Tensor | None = None
     unflipped: NetOutput | None = None  # the scale-1.0 pass
     for scale in scales:
-        scaled = _resize(images, (round(height * scale), round(width * scale)))
+        # The network sees a whole number of 16-pixel cells, as in the deploy graph: a size that
+        # is not a multiple of 16 would leave a remainder the patch grid drops, and the output,
+        # stretched back over the full image, would shift by up to 15 pixels.
+        scaled = _resize(images, network_size(round(height * scale), round(width * scale)))
         if flip:
             scaled = torch.cat([scaled, scaled.flip(-1)], dim=0)  # (2B, 3, sH, sW)
         out = net(scaled)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from cosa.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,15 @@ def free_port() -> int:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def broadcast_from_main(value: T, ctx: DistContext) -> T:
+    """Rank 0's `value` on every rank (any picklable object; returned as is without DDP)."""
+    if not ctx.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -28,6 +28,8 @@ from cosa import __version__
 from cosa.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cosa.config import CosaConfig, dump_yaml
 from cosa.data import DatasetIndex, EvalDataset, TrainDataset, open_dataset, write_synthetic_dataset
+from cosa.data.check import check_dataset, list_splits
+from cosa.data.problems import raise_on_errors
 from cosa.errors import CheckpointError, ConfigError, DataError
 from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
 from cosa.evaluation.predictors import DeployPredictor, normalised_image
@@ -41,28 +43,37 @@ from cosa.pseudo import (
     seg_pseudo_label,
     teacher_forward,
 )
-from cosa.train.distributed import DistContext, barrier, setup_distributed, teardown_distributed
+from cosa.train.distributed import (
+    DistContext,
+    barrier,
+    broadcast_from_main,
+    setup_distributed,
+    teardown_distributed,
+)
 from cosa.train.rng import restore_rng_state, rng_state, seed_everything
 from cosa.train.runlog import DeferredScalars, MetricsLog, read_metrics
 from cosa.train.sampler import ResumableSampler
 from cosa.train.schedule import build_optimizer, build_scheduler
+from cosa.train.selection import Selection, resolve_select_metric
 from cosa.train.visualize import cam_picture, save_curves, save_grid
-
-# Val metrics that may choose best.pt (train.select_metric): attributes of EvalResult.
-SELECT_METRICS = ("miou", "cam_miou", "cam_miou_predicted_labels")
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainResult:
-    """What a finished run produced. mIoU values are fractions in [0, 1]."""
+    """What a finished run produced. Scores are fractions in [0, 1].
+
+    `best_score` is the selection criterion's value (`selection_metric`: miou, tag_f1, ...) of
+    `best_checkpoint` on the selection split, reached at `best_iteration`.
+    """
 
     out: Path
     iterations: int
     last_checkpoint: Path
     best_checkpoint: Path | None
-    best_val_miou: float | None
+    selection_metric: str
+    best_score: float | None
     best_iteration: int | None
     test: dict[str, Any] | None
     seconds_per_iter: float
@@ -74,7 +85,8 @@ class TrainResult:
             "iterations": self.iterations,
             "last_checkpoint": str(self.last_checkpoint),
             "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
-            "best_val_miou": self.best_val_miou,
+            "selection_metric": self.selection_metric,
+            "best_score": self.best_score,
             "best_iteration": self.best_iteration,
             "test": self.test,
             "seconds_per_iter": self.seconds_per_iter,
@@ -137,15 +149,18 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
             dump_yaml(cfg, out / "config.yaml")
-        self.train_index, self.val_index, self.test_index = self._open_data()
+        self.train_index, self.val_index, self.test_index = self._open_data(
+            resumed.class_names if resumed is not None else None
+        )
         self.class_names = list(self.train_index.class_names)
         self.palette = [list(map(int, c)) for c in self.train_index.palette]
         num_fg = len(self.class_names) - 1
-        if resumed is not None and resumed.class_names != self.class_names:
-            raise CheckpointError(
-                f"{last} was trained on {len(resumed.class_names)} classes, the data has "
-                f"{len(self.class_names)}; resume with the same --data"
-            )
+        self.selection = Selection(
+            resolve_select_metric(
+                cfg.train.select_metric, self.val_index, cfg.train.eval_max_images
+            ),
+            self.val_index.split,
+        )
 
         seed_everything(cfg.train.seed)
         self.student: CosaNet = build_model(
@@ -164,11 +179,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_iters)
         self.amp_dtype = _autocast_dtype(cfg.train.amp, ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        if cfg.train.select_metric not in SELECT_METRICS:
-            raise ConfigError(
-                f"train.select_metric must be one of {', '.join(SELECT_METRICS)}, got "
-                f"{cfg.train.select_metric!r}"
-            )
         if cfg.train.supervision not in ("weak", "full"):
             raise ConfigError(
                 f"train.supervision must be weak or full, got {cfg.train.supervision!r}"
@@ -200,8 +210,6 @@ class Trainer:
             ),
         }
         self.iteration = 0
-        self.best_miou: float | None = None
-        self.best_iteration: int | None = None
         if resumed is not None:
             self._restore(resumed)
         self.model: torch.nn.Module = self.student
@@ -221,7 +229,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- set-up
 
-    def _open_data(self) -> tuple[DatasetIndex, DatasetIndex, DatasetIndex | None]:
+    def _open_data(
+        self, class_names: list[str] | None
+    ) -> tuple[DatasetIndex, DatasetIndex, DatasetIndex | None]:
+        """Check the data (rank 0; every rank refuses on an error), then open its splits.
+
+        A resumed run passes its checkpoint's class list, so a tagged folder keeps its ids. The
+        test split is optional: a folder without it (a user's own data) is trained without.
+        """
         data = self.cfg.data
         if data.root is None:
             root = self.out / "data"
@@ -233,11 +248,40 @@ class Trainer:
             barrier(self.ctx)
         else:
             root = Path(data.root)
-        train = open_dataset(root, data.train_split)
-        val = open_dataset(root, data.val_split)
-        test = open_dataset(root, data.test_split) if data.test_split else None
-        if len(train.samples) == 0:
-            raise DataError(f"{root}: split {data.train_split!r} is empty")
+        split_args = {
+            "class_names": class_names,
+            "val_fraction": data.val_fraction,
+            "split_seed": data.split_seed,
+        }
+        splits = [data.train_split, data.val_split]
+        test_split = data.test_split
+        if test_split and test_split not in list_splits(root, data.val_fraction, data.split_seed):
+            log.info("%s has no %r split: no test report", root, test_split)
+            test_split = None
+        failure = None
+        if self.ctx.is_main:
+            report = check_dataset(
+                root, splits + ([test_split] if test_split else []), train_split=data.train_split,
+                **split_args,
+            )
+            for problem in report.warnings:
+                log.warning("%s", problem)
+            try:
+                raise_on_errors(report.problems, root)
+            except DataError as exc:
+                failure = str(exc)
+        failure = broadcast_from_main(failure, self.ctx)
+        if failure is not None:
+            raise DataError(failure)
+        train = open_dataset(root, data.train_split, **split_args)
+        val = open_dataset(root, data.val_split, **split_args)
+        test = open_dataset(root, test_split, **split_args) if test_split else None
+        for index in (train, val):
+            if len(index.samples) == 0:
+                raise DataError(
+                    f"{root}: split {index.split!r} is empty; add images to it (a tagged folder "
+                    "without a split column: raise data.val_fraction)"
+                )
         return train, val, test
 
     def _loader(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -289,8 +333,7 @@ class Trainer:
         if ckpt.rng is not None:
             restore_rng_state(ckpt.rng)
         self.iteration = ckpt.iteration
-        self.best_miou = ckpt.metrics.get("best_val_miou")
-        self.best_iteration = ckpt.metrics.get("best_iteration")
+        self.selection.restore(ckpt.metrics)
         log.info("resumed from iteration %d", self.iteration)
 
     def _fixed_vis_images(self) -> list[dict[str, Any]]:
@@ -472,20 +515,24 @@ class Trainer:
                 "cam_miou_predicted_labels": result.cam_miou_predicted_labels,
                 "cpl_miou": result.cpl_miou,
                 "cpl_coverage": result.cpl_coverage,
+                "tag_f1": result.tag_f1,
+                "images": result.num_images,
+                "images_with_masks": result.num_images_with_masks,
+                "select_metric": self.selection.metric,
+                "score": getattr(result, self.selection.metric),
                 "eval_seconds": result.seconds,
             }
             if self.metrics is not None:
                 self.metrics.write(record)
             log.info(
-                "iter %d: val mIoU %.4f, CAM mIoU %.4f",
+                "iter %d: val %s %.4f (tag F1 %.4f)",
                 self.iteration,
-                result.miou,
-                result.cam_miou or float("nan"),
+                self.selection.metric,
+                record["score"],
+                result.tag_f1,
             )
             self._save_grid()
-            score = getattr(result, self.cfg.train.select_metric)
-            if self.best_miou is None or score > self.best_miou:
-                self.best_miou, self.best_iteration = score, self.iteration
+            if self.selection.consider(record["score"], self.iteration):
                 self._save(self.ckpt_dir / "best.pt")
         barrier(self.ctx)
 
@@ -517,8 +564,8 @@ class Trainer:
         low, high = self._current_thresholds()
         rows = []
         for item in self.vis_rows:
-            image, mask = item["image"], item["mask"]
-            height, width = mask.shape
+            image, mask = item["image"], item["mask"]  # mask: None without ground truth
+            height, width = image.shape[:2]
             x = normalised_image(image, device)
             label = torch.from_numpy(item["label"]).to(device)[None].float()
             teacher = teacher_forward(
@@ -554,11 +601,7 @@ class Trainer:
             scaler=self.scaler.state_dict(),
             rng=rng_state(),
             thresholds={name: t.state_dict() for name, t in self.thresholds.items()},
-            metrics={
-                "best_val_miou": self.best_miou,
-                "best_iteration": self.best_iteration,
-                "selection_split": self.val_index.split,
-            },
+            metrics=self.selection.to_dict(),
             package_version=__version__,
         )
         save_checkpoint(ckpt, path)
@@ -591,8 +634,9 @@ class Trainer:
             iterations=self.iteration,
             last_checkpoint=last,
             best_checkpoint=best if best.is_file() else None,
-            best_val_miou=self.best_miou,
-            best_iteration=self.best_iteration,
+            selection_metric=self.selection.metric,
+            best_score=self.selection.best_score,
+            best_iteration=self.selection.best_iteration,
             test=test,
             seconds_per_iter=float(np.mean(steady)) if steady else float("nan"),
             extra={
