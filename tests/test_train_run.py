@@ -15,29 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import tiny_config
 from typer.testing import CliRunner
 
 from cli import app
 from cosa.checkpoint import load_checkpoint
-from cosa.config import apply_overrides, preset
 from cosa.data import write_synthetic_dataset
 from cosa.train.launch import launch
-
-TINY = {
-    "model.decoder_channels": 16,
-    "data.crop_size": 64,
-    "data.num_workers": 0,
-    "pseudo.scales": [1.0],
-    "loss.warmup_iters": 1,
-    "loss.warmup_ramp": 0,
-    "train.batch_size": 2,
-    "train.max_iters": 4,
-    "train.eval_every": 2,
-    "train.checkpoint_every": 1,
-    "train.eval_max_images": 2,
-    "train.vis_images": 1,
-    "thresholds.queue_images": 4,
-}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +32,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(data: Path, **extra: object):
-    return apply_overrides(preset("demo"), {**TINY, "data.root": str(data), **extra})
+    return tiny_config(data, **extra)
 
 
 def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -95,7 +95,7 @@ class TaggedFolder:
         split_derived: True when the splits were drawn (no split column).
         masks: image -> its mask file, for the images that have one.
         unlisted: images under `images/` that the labels file does not list.
-        problems: every problem found, in file order.
+        problems: every problem found, by file and line.
     """
 
     root: Path
@@ -230,7 +230,10 @@ def read_tagged_folder(
         )
     names, source = _class_list(root, rows, class_names, labels_path, problems)
     rows = _check_tags(rows, names, labels_path, problems)
-    tagged_rows, derived = _splits(rows, labels_path, val_fraction, split_seed, problems)
+    has_splits = any(row.split is not None for row in raw_rows)
+    tagged_rows, derived = _splits(
+        rows, has_splits, labels_path, val_fraction, split_seed, problems
+    )
     masks = _masks(root, tagged_rows, listed, problems)
     return TaggedFolder(
         root=root,
@@ -241,7 +244,7 @@ def read_tagged_folder(
         split_derived=derived,
         masks=masks,
         unlisted=unlisted,
-        problems=tuple(problems),
+        problems=tuple(sorted(problems, key=lambda p: (str(p.file), p.line or 0))),
     )
 
 
@@ -369,7 +372,7 @@ def _labels_file(root: Path, problems: list[Problem]) -> Path | None:
 class _RawRow:
     image: str
     tags: tuple[str, ...]
-    split: str | None
+    split: str | None  # None: no split column (CSV) or key (JSONL line); "" an empty value
     line: int
 
 
@@ -751,13 +754,15 @@ def _check_tags(
 
 def _splits(
     rows: list[_RawRow],
+    has_splits: bool,
     labels_file: Path,
     val_fraction: float,
     seed: int,
     problems: list[Problem],
 ) -> tuple[list[TaggedRow], bool]:
-    """Give every row its split: the file's split column, or the seeded stratified draw."""
-    if not any(row.split for row in rows):
+    """Give every row its split: the file's split column (`has_splits`: a CSV split column, or a
+    JSONL line with a split), or the seeded stratified draw."""
+    if not has_splits:
         drawn = assign_splits([(r.image, r.tags) for r in rows], val_fraction, seed)
         return [TaggedRow(r.image, r.tags, drawn[r.image], r.line) for r in rows], True
     kept = []
