@@ -102,7 +102,7 @@ def run_variant(key: str, cfg: CosaConfig, out: Path) -> dict:
         "variant": key,
         "description": VARIANTS[key][0],
         **test_metrics(key, result.test or {}),
-        "best_val_miou": result.best_val_miou,
+        "best_val_miou": result.best_score,  # the selection metric: miou here, CAM for a
         "best_iteration": result.best_iteration,
         "sec_per_iter": result.seconds_per_iter,
         "wall_seconds": time.perf_counter() - start,

@@ -61,7 +61,7 @@ def cam_picture(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
 
 def save_curves(records: list[dict[str, Any]], path: Path) -> None:
-    """Loss terms per iteration (left) and evaluation mIoU (right) from metrics.jsonl records."""
+    """Loss terms per iteration (left) and evaluation scores (right) from metrics.jsonl records."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,13 +78,18 @@ def save_curves(records: list[dict[str, Any]], path: Path) -> None:
     ax_loss.set_xlabel("iteration")
     ax_loss.set_ylabel("loss (unweighted terms)")
     ax_loss.legend(fontsize=7)
-    for key, label in (("miou", "seg mIoU"), ("cam_miou", "CAM mIoU"), ("cpl_miou", "CPL mIoU")):
+    for key, label in (
+        ("miou", "seg mIoU"),
+        ("cam_miou", "CAM mIoU"),
+        ("cpl_miou", "CPL mIoU"),
+        ("tag_f1", "seg tag F1"),
+    ):
         xs = [r["iter"] for r in evals if r.get(key) is not None]
         ys = [r[key] for r in evals if r.get(key) is not None]
         if xs:
             ax_miou.plot(xs, ys, marker="o", label=label)
     ax_miou.set_xlabel("iteration")
-    ax_miou.set_ylabel("mIoU (val)")
+    ax_miou.set_ylabel("score (val)")
     ax_miou.set_ylim(0, 1)
     ax_miou.legend(fontsize=7)
     fig.tight_layout()
