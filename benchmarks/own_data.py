@@ -224,9 +224,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.report:
         for seed in (int(s) for s in args.seeds.split(",")):
-            run_seed(
-                args.work, seed, args.iters, args.eval_every, args.min_confidence, args.stages
-            )
+            run_seed(args.work, seed, args.iters, args.eval_every, args.min_confidence, args.stages)
     rows = [json.loads(p.read_text()) for p in sorted(args.work.glob("seed*.json"))]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "own_data.json").write_text(json.dumps(rows, indent=1))
