@@ -291,3 +291,19 @@ def test_data_check_on_the_synthetic_layout(tmp_path: Path) -> None:
 
 def report_first_image(root: Path) -> str:
     return (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[0] + ".jpg"
+
+
+def test_train_refuses_bad_data_before_writing_anything(tmp_path: Path) -> None:
+    root = _folder(
+        tmp_path / "mine",
+        "image,tags,split\na.jpg,dog,train\nb.jpg,dgo,val\n",
+        images=("a.jpg", "b.jpg"),
+    )
+    (root / "classes.txt").write_text("dog\n")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(run)])
+    assert result.exit_code == 2
+    assert f"{root / 'labels.csv'}:3: tag 'dgo' is not a class (did you mean 'dog'?)" in (
+        " ".join(result.output.split())
+    )
+    assert not run.exists()

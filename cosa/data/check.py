@@ -164,14 +164,7 @@ def check_dataset(
             if split not in present:
                 problems.append(_missing_split(root, split, present))
                 continue
-            indices[split] = DatasetIndex(
-                root=root,
-                kind="tagged",
-                split=split,
-                class_names=names,
-                palette=(),
-                samples=folder.samples(split),
-            )
+            indices[split] = folder.index(split)
     else:
         present = available_splits(root)
         for split in present if splits is None else splits:

@@ -113,6 +113,18 @@ class TaggedFolder:
         present = {row.split for row in self.rows}
         return [s for s in SPLITS if s in present]
 
+    def index(self, split: str) -> DatasetIndex:
+        """The `DatasetIndex` of `split` (the VOC colour map as palette)."""
+        palette = voc_palette(len(self.class_names))
+        return DatasetIndex(
+            root=self.root,
+            kind="tagged",
+            split=split,
+            class_names=self.class_names,
+            palette=tuple((int(r), int(g), int(b)) for r, g, b in palette),
+            samples=self.samples(split),
+        )
+
     def samples(self, split: str) -> tuple[Sample, ...]:
         """The samples of `split`, in labels-file order (label vectors in class-id order)."""
         ids = {name: i for i, name in enumerate(self.class_names[1:])}
@@ -175,15 +187,7 @@ def open_tagged(
             f"{root} is a tagged folder: its splits are {', '.join(SPLITS)}, not {split!r}; set "
             f"data.train_split / data.val_split to one of them (e.g. --set data.train_split=train)"
         )
-    palette = tuple((int(r), int(g), int(b)) for r, g, b in voc_palette(len(folder.class_names)))
-    return DatasetIndex(
-        root=root,
-        kind="tagged",
-        split=split,
-        class_names=folder.class_names,
-        palette=palette,
-        samples=folder.samples(split),
-    )
+    return folder.index(split)
 
 
 def read_tagged_folder(

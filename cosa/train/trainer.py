@@ -145,13 +145,14 @@ class Trainer:
         if max_iters is not None:
             cfg = replace(cfg, train=replace(cfg.train, max_iters=max_iters))
         self.cfg = cfg
+        # The data is checked before anything is written: a refused run leaves no run folder.
+        self.train_index, self.val_index, self.test_index = self._open_data(
+            resumed.class_names if resumed is not None else None
+        )
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
             dump_yaml(cfg, out / "config.yaml")
-        self.train_index, self.val_index, self.test_index = self._open_data(
-            resumed.class_names if resumed is not None else None
-        )
         self.class_names = list(self.train_index.class_names)
         self.palette = [list(map(int, c)) for c in self.train_index.palette]
         num_fg = len(self.class_names) - 1
