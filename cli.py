@@ -170,9 +170,10 @@ def _print_data_report(report: Any) -> None:
             err_console.print(
                 f"... and {len(problems) - PROBLEMS_SHOWN} more {kind}s (--json lists all)"
             )
+    sizes = f" (median long side {report.median_long_side} px)" if report.median_long_side else ""
     out_console.print(
         f"{len(report.errors)} errors, {len(report.warnings)} warnings; "
-        f"{report.images_checked} images decoded"
+        f"{report.images_checked} images decoded{sizes}"
     )
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 
 def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
-    """" (did you mean 'x'?)" for the closest of `choices` to `word`, or "" when none is close.
+    """ " (did you mean 'x'?)" for the closest of `choices` to `word`, or "" when none is close.
 
     `cutoff` is difflib's similarity ratio in [0, 1]; file paths share long prefixes and suffixes,
     so callers matching paths ask for more than names do.

@@ -76,6 +76,7 @@ class DataReport:
             (class a, class b, images), most frequent first.
         problems: every problem found, errors and warnings, in the order found.
         images_checked: distinct images decoded.
+        median_long_side: the median of the decoded images' longer side, in pixels as displayed.
     """
 
     root: Path
@@ -87,6 +88,7 @@ class DataReport:
     pairs: list[tuple[str, str, int]]
     problems: list[Problem] = field(default_factory=list)
     images_checked: int = 0
+    median_long_side: int | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -106,6 +108,7 @@ class DataReport:
             "splits": {name: s.to_json() for name, s in self.splits.items()},
             "cooccurring_pairs": [{"a": a, "b": b, "images": n} for a, b, n in self.pairs],
             "images_checked": self.images_checked,
+            "median_long_side": self.median_long_side,
             "errors": len(self.errors),
             "warnings": len(self.warnings),
             "problems": [p.to_json() for p in self.problems],
@@ -180,11 +183,12 @@ def check_dataset(
     summaries = {split: _summarise(index) for split, index in indices.items()}
     if train_split in summaries:
         problems.extend(_rare_classes(labels_file, summaries[train_split], train_split))
-    checked = 0
+    checked, sides = 0, []
     if read_files:
         unique = {(s.image_path, s.mask_path): (s, len(names) - 1) for s in _all_samples(indices)}
         checked = len(unique)
-        problems.extend(_check_files(list(unique.values()), progress))
+        file_problems, sides = _check_files(list(unique.values()), progress)
+        problems.extend(file_problems)
     return DataReport(
         root=root,
         layout=layout,
@@ -195,6 +199,7 @@ def check_dataset(
         pairs=_top_pairs(indices),
         problems=problems,
         images_checked=checked,
+        median_long_side=int(np.median(sides)) if sides else None,
     )
 
 
@@ -251,8 +256,9 @@ def _top_pairs(indices: dict[str, DatasetIndex]) -> list[tuple[str, str, int]]:
     return [(a, b, n) for (a, b), n in pairs.most_common(TOP_PAIRS)]
 
 
-def _check_files(work: list[tuple[Sample, int]], progress: bool) -> list[Problem]:
-    """Decode every image and read every mask, on a thread pool; problems in input order."""
+def _check_files(work: list[tuple[Sample, int]], progress: bool) -> tuple[list[Problem], list[int]]:
+    """Decode every image and read every mask, on a thread pool: the problems in input order and
+    the long sides of the images that decode."""
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda item: _check_sample(*item), work)
@@ -266,15 +272,22 @@ def _check_files(work: list[tuple[Sample, int]], progress: bool) -> list[Problem
                 dynamic_ncols=True,
             )
         )
-    return [problem for problems in found for problem in problems]
+    problems = [problem for sample_problems, _ in found for problem in sample_problems]
+    return problems, [side for _, side in found if side is not None]
 
 
-def _check_sample(sample: Sample, num_foreground: int) -> list[Problem]:
-    """The problems of one image and its mask (decodable, same size, ids in range)."""
+def _check_sample(sample: Sample, num_foreground: int) -> tuple[list[Problem], int | None]:
+    """The problems of one image and its mask (decodable, same size, ids in range), and the
+    image's long side in pixels as displayed (None when it cannot be decoded)."""
     try:
         height, width = load_image(sample.image_path).shape[:2]
     except ImageReadError as exc:
-        return [error(sample.image_path, None, f"{exc.reason}; replace the file or remove it")]
+        reason = f"{exc.reason}; replace the file or remove it"
+        return [error(sample.image_path, None, reason)], None
+    return _check_mask(sample, num_foreground, height, width), max(height, width)
+
+
+def _check_mask(sample: Sample, num_foreground: int, height: int, width: int) -> list[Problem]:
     if sample.mask_path is None:
         return []
     try:

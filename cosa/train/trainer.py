@@ -59,6 +59,10 @@ from cosa.train.visualize import cam_picture, save_curves, save_grid
 
 log = logging.getLogger(__name__)
 
+# Images whose median long side exceeds this many crops get a warning: the preset's crops (and its
+# 0.5-2x rescale) are sized for VOC's ~500 px images, not for 12-megapixel photos.
+LARGE_IMAGE_FACTOR = 4
+
 
 @dataclass
 class TrainResult:
@@ -262,11 +266,23 @@ class Trainer:
         failure = None
         if self.ctx.is_main:
             report = check_dataset(
-                root, splits + ([test_split] if test_split else []), train_split=data.train_split,
+                root,
+                splits + ([test_split] if test_split else []),
+                train_split=data.train_split,
                 **split_args,
             )
             for problem in report.warnings:
                 log.warning("%s", problem)
+            side = report.median_long_side
+            if side is not None and side > LARGE_IMAGE_FACTOR * data.crop_size:
+                log.warning(
+                    "the images' median long side is %d px, over %dx the %d px crops: a crop "
+                    "sees a small part of an image, which its tags may not describe; downscale "
+                    "the images (long side about twice the crop) or raise data.crop_size",
+                    side,
+                    LARGE_IMAGE_FACTOR,
+                    data.crop_size,
+                )
             try:
                 raise_on_errors(report.problems, root)
             except DataError as exc:
