@@ -142,7 +142,12 @@ def run_seed(
         }
         print(json.dumps({name: row[name]}), flush=True)
         if name == "stage1":
-            row["sweep"] = confidence_sweep(run / "checkpoints" / "best.pt", data)
+            sweep = run / "confidence_sweep.json"
+            if not sweep.is_file():
+                sweep.write_text(
+                    json.dumps(confidence_sweep(run / "checkpoints" / "best.pt", data))
+                )
+            row["sweep"] = json.loads(sweep.read_text())
             print(json.dumps({"sweep": row["sweep"]}), flush=True)
     if stages < 2:
         return None

@@ -292,19 +292,14 @@ def assign_splits(
 # ------------------------------------------------------------------------------------ writing
 
 
-def write_labels(
-    out: Path, rows: Sequence[TaggedRow], class_names: Sequence[str], fmt: str = "csv"
-) -> None:
+def write_labels(out: Path, rows: Sequence[TaggedRow], class_names: Sequence[str]) -> None:
     """Write `classes.txt` and `labels.csv` (long form, with the split column) atomically.
 
     Args:
         out: the tagged folder.
         rows: image, tags and split of every image, in the order to write.
         class_names: incl. background at index 0 (background is not written: it is implicit).
-        fmt: "csv" only (the long form every reader of this layout accepts).
     """
-    if fmt != "csv":
-        raise ConfigError(f"labels format {fmt!r} is not supported; use csv")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image", "tags", "split"])
