@@ -204,6 +204,13 @@ def train(
     max_iters: Annotated[int | None, typer.Option(help="Override train.max_iters.")] = None,
     device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
     pretrained: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this checkpoint's assignment network (e.g. a second stage on "
+            "`cosa pseudo` masks) instead of --pretrained."
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue RUN from checkpoints/last.pt.")] = False,
     nproc: Annotated[int, typer.Option(help="Local DDP processes (or launch with torchrun).")] = 1,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -222,6 +229,10 @@ def train(
                 f"--pretrained {pretrained} does not exist; pass a local weights file"
             )
         paths["model.pretrained"] = str(pretrained)
+    if init is not None:
+        if not init.is_file():
+            raise ConfigError(f"--init {init} does not exist; pass a checkpoint of `cosa train`")
+        paths["model.init_checkpoint"] = str(init)
     if resume and (set_ or paths or config is not None):
         raise ConfigError(
             "--resume continues a run with its own config.yaml; drop --set/--config/--data "
@@ -401,7 +412,8 @@ def pseudo(
             f"pixels they label, coverage {result.coverage:.2f}"
         )
     out_console.print(
-        f"second stage: cosa train --data {out} --set train.supervision=full --out RUN"
+        f"second stage: cosa train --data {out} --set train.supervision=full --init {checkpoint} "
+        "--out RUN"
     )
 
 

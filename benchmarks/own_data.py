@@ -40,9 +40,13 @@ from cosa.pseudo.second_stage import pseudo_mask, write_pseudo_dataset
 from cosa.train.trainer import train
 
 CONFIDENCES = (0.0, 0.3, 0.5, 0.7, 0.9)
+IMAGENET = Path("imagenet")  # stage 2 from the ImageNet weights instead of stage 1's network
 
 
-def stage_config(data: Path, seed: int, iters: int, eval_every: int, full: bool) -> object:
+def stage_config(
+    data: Path, seed: int, iters: int, eval_every: int, init: Path | None = None
+) -> object:
+    """The demo preset, selecting by tag F1; with `init`, stage 2 (full supervision from it)."""
     return apply_overrides(
         preset("demo"),
         {
@@ -51,7 +55,8 @@ def stage_config(data: Path, seed: int, iters: int, eval_every: int, full: bool)
             "train.max_iters": iters,
             "train.eval_every": eval_every,
             "train.select_metric": "tag_f1",
-            "train.supervision": "full" if full else "weak",
+            "train.supervision": "weak" if init is None else "full",
+            "model.init_checkpoint": None if init is None or init == IMAGENET else str(init),
         },
     )
 
@@ -109,28 +114,42 @@ def confidence_sweep(checkpoint: Path, data: Path) -> list[dict]:
 
 
 def run_seed(
-    work: Path, seed: int, iters: int, eval_every: int, min_confidence: float, stages: int
+    work: Path,
+    seed: int,
+    iters: int,
+    eval_every: int,
+    min_confidence: float,
+    stages: int,
+    stage2_init: str,
 ) -> dict | None:
-    """Both stages of one seed (or stage 1 and the confidence sweep with `stages=1`)."""
+    """Both stages of one seed (or stage 1 and the confidence sweep with `stages=1`). Stage 2
+    starts from stage 1's best.pt (`stage2_init="stage1"`) or from ImageNet ("imagenet")."""
     data = work / "data"
     part = work / f"seed{seed}.json"
     if part.is_file():
         return json.loads(part.read_text())
     if not data.is_dir():
         write_synthetic_dataset(data, 400, 60, 100, seed=0)
-    row: dict = {"seed": seed, "iters": iters, "min_confidence": min_confidence}
-    plan = [("stage1", data, False), ("stage2", work / f"pseudo_seed{seed}", True)][:stages]
-    for name, source, full in plan:
+    row: dict = {
+        "seed": seed,
+        "iters": iters,
+        "min_confidence": min_confidence,
+        "stage2_init": stage2_init,
+    }
+    best_one = work / f"stage1_seed{seed}" / "checkpoints" / "best.pt"
+    init = best_one if stage2_init == "stage1" else IMAGENET
+    plan = [("stage1", data, None), ("stage2", work / f"pseudo_seed{seed}", init)][:stages]
+    for name, source, start in plan:
         run = work / f"{name}_seed{seed}"
-        if name == "stage2" and not (source / "labels.csv").is_file():
+        if name == "stage2":  # resumes, or only re-scores the masks an earlier run wrote
             start = time.perf_counter()
             pseudo = write_pseudo_dataset(
-                work / f"stage1_seed{seed}" / "checkpoints" / "best.pt", data, source,
+                best_one, data, source,
                 min_confidence=min_confidence, skip_existing=True, device="cpu", progress=False,
             )  # fmt: skip
             row["pseudo"] = {**pseudo.to_json(), "seconds": time.perf_counter() - start}
         result = train(
-            stage_config(source, seed, iters, eval_every, full), run, device="cpu",
+            stage_config(source, seed, iters, eval_every, start), run, device="cpu",
             resume=(run / "checkpoints" / "last.pt").is_file(), progress=False,
         )  # fmt: skip
         row[name] = {
@@ -155,6 +174,11 @@ def run_seed(
     return row
 
 
+def _variant(row: dict) -> str:
+    start = "stage 1's best.pt" if row.get("stage2_init", "imagenet") == "stage1" else "ImageNet"
+    return f"from {start}, --min-confidence {row['min_confidence']}"
+
+
 def markdown(rows: list[dict]) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
@@ -162,23 +186,28 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "Synthetic benchmark (400/60/100 images, data seed 0), demo preset, 800 iterations per "
         "stage, CPU. Stage 1: CoSA with all three techniques; stage 2: the same network trained "
-        "with full supervision on stage 1's pseudo-masks of the training split. best.pt chosen by "
-        "tag F1 on val (no masks used) in both stages; test mIoU in %.",
+        "with full supervision on stage 1's pseudo-masks of the training split, starting from "
+        "stage 1's network or from ImageNet. best.pt chosen by tag F1 on val (no masks used) in "
+        "both stages; test mIoU in %.",
         "",
-        "| seed | stage 1 test mIoU | pseudo-masks mIoU (coverage), train | stage 2 test mIoU | "
-        "stage 2 - stage 1 |",
-        "|---:|---:|---:|---:|---:|",
+        "| stage 2 | seed | stage 1 test mIoU | pseudo-masks mIoU (coverage), train | "
+        "stage 2 test mIoU | stage 2 - stage 1 |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    by_variant: dict[str, list[float]] = {}
     for r in rows:
         one, two, p = r["stage1"]["test_miou"], r["stage2"]["test_miou"], r.get("pseudo", {})
+        by_variant.setdefault(_variant(r), []).append(two - one)
         lines.append(
-            f"| {r['seed']} | {pct(one)} | {pct(p.get('miou'))} ({pct(p.get('coverage'))}%) | "
-            f"{pct(two)} | {100 * (two - one):+.1f} |"
+            f"| {_variant(r)} | {r['seed']} | {pct(one)} | {pct(p.get('miou'))} "
+            f"({pct(p.get('coverage'))}%) | {pct(two)} | {100 * (two - one):+.1f} |"
         )
-    if rows:
-        diffs = [r["stage2"]["test_miou"] - r["stage1"]["test_miou"] for r in rows]
-        lines += ["", f"Mean stage 2 - stage 1 over {len(rows)} seed(s): "
-                  f"{100 * float(np.mean(diffs)):+.1f} points (goal: at least +2)."]  # fmt: skip
+    lines.append("")
+    for variant, diffs in by_variant.items():
+        lines.append(
+            f"- {variant}: stage 2 - stage 1 = {100 * float(np.mean(diffs)):+.1f} points, mean "
+            f"of {len(diffs)} seed(s) (goal: at least +2)."
+        )
     lines += [
         "",
         "Checkpoint selection without masks: the evaluation tag F1 picks against the one val "
@@ -188,18 +217,18 @@ def markdown(rows: list[dict]) -> str:
         "| given up | Spearman (tag F1, mIoU) |",
         "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
-    same = 0
+    runs = {}
     for r in rows:
-        for stage in ("stage1", "stage2"):
-            s = r[stage]["selection"]
-            same += s["same"]
-            lines.append(
-                f"| {stage}, seed {r['seed']} | {s['tag_f1_pick']} | {s['miou_pick']} | "
-                f"{'yes' if s['same'] else 'no'} | {pct(s['val_miou_at_tag_pick'])} | "
-                f"{pct(s['val_miou_best'])} | {100 * s['val_miou_given_up']:.1f} | "
-                f"{s['spearman']:.2f} |"
-            )
-    lines += ["", f"Same checkpoint in {same} of {2 * len(rows)} runs."]
+        runs[f"stage 1, seed {r['seed']}"] = r["stage1"]["selection"]
+        runs[f"stage 2 {_variant(r)}, seed {r['seed']}"] = r["stage2"]["selection"]
+    for name, s in runs.items():
+        lines.append(
+            f"| {name} | {s['tag_f1_pick']} | {s['miou_pick']} | {'yes' if s['same'] else 'no'} "
+            f"| {pct(s['val_miou_at_tag_pick'])} | {pct(s['val_miou_best'])} | "
+            f"{100 * s['val_miou_given_up']:.1f} | {s['spearman']:.2f} |"
+        )
+    same = sum(s["same"] for s in runs.values())
+    lines += ["", f"Same checkpoint in {same} of {len(runs)} runs."]
     lines += [
         "",
         "Pseudo-masks of the training split against its ground truth, by `--min-confidence` "
@@ -208,9 +237,10 @@ def markdown(rows: list[dict]) -> str:
         "| seed | " + " | ".join(f"{c:.1f}" for c in CONFIDENCES) + " |",
         "|---:|" + "---:|" * len(CONFIDENCES),
     ]
-    for r in rows:
-        cells = [f"{pct(s['miou'])} ({pct(s['coverage'])}%)" for s in r["sweep"]]
-        lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
+    sweeps = {r["seed"]: r["sweep"] for r in rows}
+    for seed, sweep in sorted(sweeps.items()):
+        cells = [f"{pct(s['miou'])} ({pct(s['coverage'])}%)" for s in sweep]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,12 +255,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--report", action="store_true", help="Only write the tables.")
     parser.add_argument("--stages", type=int, default=2, help="1: stage 1 and the sweep only.")
+    parser.add_argument("--stage2-init", choices=("stage1", "imagenet"), default="stage1")
+    parser.add_argument(
+        "--also", type=Path, nargs="*", default=[], help="More work folders for the report."
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.report:
         for seed in (int(s) for s in args.seeds.split(",")):
-            run_seed(args.work, seed, args.iters, args.eval_every, args.min_confidence, args.stages)
-    rows = [json.loads(p.read_text()) for p in sorted(args.work.glob("seed*.json"))]
+            run_seed(
+                args.work, seed, args.iters, args.eval_every, args.min_confidence, args.stages,
+                args.stage2_init,
+            )  # fmt: skip
+    rows = [
+        json.loads(p.read_text())
+        for work in (args.work, *args.also)
+        for p in sorted(work.glob("seed*.json"))
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "own_data.json").write_text(json.dumps(rows, indent=1))
     (args.out / "own_data.md").write_text(markdown(rows))

@@ -34,6 +34,9 @@ class ModelConfig:
     decoder_channels: int = 512  # LargeFOV width
     decoder_dilation: int = 5
     pretrained: str | None = None  # local weight file; never downloaded
+    # A `cosa train` checkpoint whose assignment network both networks start from (a second stage
+    # on pseudo-masks, or fine-tuning); replaces `pretrained`. None: start from `pretrained`.
+    init_checkpoint: str | None = None
     copy_heads_to_teacher: bool = False  # reference: teacher heads keep their own random init
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from train_fixtures import tiny_config
 from typer.testing import CliRunner
 
 from cli import app
 from cosa.data import open_dataset, read_mask, read_rgb, write_synthetic_dataset
 from cosa.data.check import check_dataset
-from cosa.errors import ConfigError
+from cosa.errors import CheckpointError, ConfigError
 from cosa.pseudo.second_stage import pseudo_mask, write_pseudo_dataset
 from cosa.train.launch import launch
 
@@ -88,7 +90,14 @@ def test_pseudo_folder_trains_a_second_stage(stage_one: tuple[Path, Path], tmp_p
     assert check_dataset(out).errors == []
 
     stage_two = launch(
-        tiny_config(out, **{"train.supervision": "full", "train.max_iters": 2}),
+        tiny_config(
+            out,
+            **{
+                "train.supervision": "full",
+                "train.max_iters": 2,
+                "model.init_checkpoint": str(checkpoint),
+            },
+        ),
         tmp_path / "stage2",
         device="cpu",
         progress=False,
@@ -132,3 +141,35 @@ def test_interrupted_run_leaves_whole_masks_and_resumes(
             read_mask(mask), read_mask(tmp_path / "fresh" / "masks" / mask.name)
         )
     assert fresh.miou == pytest.approx(resumed.miou)
+
+
+def test_init_checkpoint_starts_both_networks_from_its_teacher(
+    stage_one: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from cosa.checkpoint import load_checkpoint
+    from cosa.train.distributed import setup_distributed
+    from cosa.train.trainer import Trainer
+
+    data, checkpoint = stage_one
+    cfg = tiny_config(data, **{"model.init_checkpoint": str(checkpoint)})
+    trainer = Trainer(cfg, tmp_path / "run", setup_distributed("cpu"), resume=False)
+    teacher = load_checkpoint(checkpoint).teacher
+    for net in (trainer.student, trainer.teacher):
+        state = net.state_dict()
+        assert state.keys() == teacher.keys()
+        assert all(torch.equal(state[k], teacher[k]) for k in teacher)
+    other = tmp_path / "other"  # a tagged folder with one class, "x"
+    (other / "images").mkdir(parents=True)
+    for image in sorted((data / "JPEGImages").glob("*.jpg"))[:2]:
+        shutil.copy(image, other / "images" / image.name)
+    names = sorted(p.name for p in (other / "images").iterdir())
+    (other / "labels.csv").write_text(f"image,tags,split\n{names[0]},x,train\n{names[1]},x,val\n")
+    with pytest.raises(CheckpointError, match="predicts .* but the data has \\['x'\\]"):
+        Trainer(
+            tiny_config(
+                other, **{"model.init_checkpoint": str(checkpoint), "data.test_split": None}
+            ),
+            tmp_path / "run2",
+            setup_distributed("cpu"),
+            resume=False,
+        )

@@ -168,12 +168,15 @@ class Trainer:
         )
 
         seed_everything(cfg.train.seed)
+        initialised = resumed is None and cfg.model.init_checkpoint is not None
         self.student: CosaNet = build_model(
-            cfg.model, num_classes=num_fg, load_pretrained=resumed is None
+            cfg.model, num_classes=num_fg, load_pretrained=resumed is None and not initialised
         ).to(ctx.device)
-        self.teacher: CosaNet = make_teacher(self.student, cfg.model.copy_heads_to_teacher).to(
-            ctx.device
-        )
+        if initialised:
+            self._initialise(Path(cfg.model.init_checkpoint))
+        self.teacher: CosaNet = make_teacher(
+            self.student, copy_heads=cfg.model.copy_heads_to_teacher or initialised
+        ).to(ctx.device)
         self.teacher.eval()
         self.optimizer = build_optimizer(
             self.student.param_groups(
@@ -334,6 +337,27 @@ class Trainer:
             persistent_workers=cfg.data.num_workers > 0,
         )
         return iter(loader)
+
+    def _initialise(self, path: Path) -> None:
+        """Start the online network from the assignment network of another run's checkpoint.
+
+        Raises:
+            CheckpointError: unreadable, other classes, or another architecture.
+        """
+        init = load_checkpoint(path, map_location="cpu")
+        if init.class_names != self.class_names:
+            raise CheckpointError(
+                f"model.init_checkpoint {path} predicts {init.class_names[1:]} but the data has "
+                f"{self.class_names[1:]}; start from a checkpoint of the same classes"
+            )
+        missing, unexpected = self.student.load_state_dict(init.teacher, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"model.init_checkpoint {path} does not fit backbone {self.cfg.model.backbone!r} "
+                f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}); use the "
+                "first run's model settings"
+            )
+        log.info("both networks start from the assignment network of %s", path)
 
     def _restore(self, ckpt: Checkpoint) -> None:
         self.student.load_state_dict(ckpt.online)
