@@ -139,7 +139,7 @@ def run_seed(
     best_one = work / f"stage1_seed{seed}" / "checkpoints" / "best.pt"
     init = best_one if stage2_init == "stage1" else IMAGENET
     plan = [("stage1", data, None), ("stage2", work / f"pseudo_seed{seed}", init)][:stages]
-    for name, source, start in plan:
+    for name, source, init_from in plan:
         run = work / f"{name}_seed{seed}"
         if name == "stage2":  # resumes, or only re-scores the masks an earlier run wrote
             start = time.perf_counter()
@@ -149,7 +149,7 @@ def run_seed(
             )  # fmt: skip
             row["pseudo"] = {**pseudo.to_json(), "seconds": time.perf_counter() - start}
         result = train(
-            stage_config(source, seed, iters, eval_every, start), run, device="cpu",
+            stage_config(source, seed, iters, eval_every, init_from), run, device="cpu",
             resume=(run / "checkpoints" / "last.pt").is_file(), progress=False,
         )  # fmt: skip
         row[name] = {
