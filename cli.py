@@ -375,8 +375,12 @@ def pseudo(
     out: Annotated[Path, typer.Option(help="Tagged folder to write (images, masks, labels).")],
     split: Annotated[str, typer.Option(help="Split to pseudo-label.")] = "train",
     min_confidence: Annotated[
-        float, typer.Option(help="Pixels whose class probability is lower become 255 (ignored).")
-    ] = 0.5,
+        float | None,
+        typer.Option(
+            help="Pixels whose class probability is lower become 255 (ignored); default 0.5 "
+            "(cosa.pseudo.second_stage.DEFAULT_MIN_CONFIDENCE)."
+        ),
+    ] = None,
     skip_existing: Annotated[
         bool, typer.Option(help="Resume: keep the masks an interrupted run wrote.")
     ] = False,
@@ -387,12 +391,13 @@ def pseudo(
     """Pseudo-masks for a second, fully supervised stage, written as a tagged folder."""
     from cosa.pseudo.second_stage import write_pseudo_dataset
 
+    tuned = {} if min_confidence is None else {"min_confidence": min_confidence}
     result = write_pseudo_dataset(
         checkpoint,
         data,
         out,
         split=split,
-        min_confidence=min_confidence,
+        **tuned,
         skip_existing=skip_existing,
         copy=copy,
         device=device.value,
