@@ -55,6 +55,12 @@ def _problems(root: Path, **kwargs: object) -> list[str]:
     return [f"{p.severity} {p}" for p in check_dataset(root, **kwargs).problems]
 
 
+def _assert_reported(problems: list[str], expected: list[str]) -> None:
+    """Every expected "severity file[:line]: message" starts one of the reported problems."""
+    for start in expected:
+        assert any(p.startswith(start) for p in problems), (start, problems)
+
+
 # -------------------------------------------------------------------------------------- formats
 
 
@@ -182,8 +188,7 @@ def test_every_labels_problem_names_file_line_and_fix(tmp_path: Path) -> None:
         f"error {labels}:7: image '../x.jpg' is not a path inside images/",
         f"warning {root / 'images' / 'unlisted.jpg'}: is not listed in labels.csv",
     ]
-    for start in expected:
-        assert any(p.startswith(start) for p in problems), (start, problems)
+    _assert_reported(problems, expected)
     with pytest.raises(DataError, match=r"has \d+ data errors, the first: .*labels.csv:2: tag"):
         open_dataset(root, "train")
 
@@ -208,8 +213,7 @@ def test_bad_files_are_errors(tmp_path: Path) -> None:
         f"warning {root / 'masks' / 'orphan.png'}: belongs to no listed image",
         f"warning {root / 'labels.csv'}: class 'b' has 1 train image(s)",
     ]
-    for start in expected:
-        assert any(p.startswith(start) for p in problems), (start, problems)
+    _assert_reported(problems, expected)
 
 
 @pytest.mark.parametrize(
