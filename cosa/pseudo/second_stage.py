@@ -165,14 +165,16 @@ def write_pseudo_dataset(
         progress: show a progress bar.
 
     Raises:
-        ConfigError: `min_confidence` outside [0, 1), or `out` holds files and `skip_existing`
-            is off. CheckpointError: unreadable checkpoint. DataError: bad dataset, classes that
+        ConfigError: `min_confidence` outside [0, 1), `out` is a file, or `out` holds files and
+            `skip_existing` is off. CheckpointError: unreadable checkpoint. DataError: bad dataset, classes that
             differ from the checkpoint's, or an unreadable image.
     """
     start = time.perf_counter()
     if not 0.0 <= min_confidence < 1.0:
         raise ConfigError(f"--min-confidence must lie in [0, 1), got {min_confidence}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder to write the tagged dataset to")
     if out.exists() and any(out.iterdir()) and not skip_existing:
         raise ConfigError(
             f"{out} is not empty; pass --skip-existing to resume an interrupted run, or choose "
