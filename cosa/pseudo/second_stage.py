@@ -166,8 +166,9 @@ def write_pseudo_dataset(
 
     Raises:
         ConfigError: `min_confidence` outside [0, 1), `out` is a file, or `out` holds files and
-            `skip_existing` is off. CheckpointError: unreadable checkpoint. DataError: bad dataset, classes that
-            differ from the checkpoint's, or an unreadable image.
+            `skip_existing` is off.
+        CheckpointError: unreadable checkpoint.
+        DataError: bad dataset, classes that differ from the checkpoint's, or an unreadable image.
     """
     start = time.perf_counter()
     if not 0.0 <= min_confidence < 1.0:
