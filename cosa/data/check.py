@@ -77,6 +77,8 @@ class DataReport:
         problems: every problem found, errors and warnings, in the order found.
         images_checked: distinct images decoded.
         median_long_side: the median of the decoded images' longer side, in pixels as displayed.
+        indices: the checked splits, opened (what `open_dataset` returns for them), so a caller
+            that checks first need not read the folder again.
     """
 
     root: Path
@@ -89,6 +91,7 @@ class DataReport:
     problems: list[Problem] = field(default_factory=list)
     images_checked: int = 0
     median_long_side: int | None = None
+    indices: dict[str, DatasetIndex] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Problem]:
@@ -200,6 +203,7 @@ def check_dataset(
         problems=problems,
         images_checked=checked,
         median_long_side=int(np.median(sides)) if sides else None,
+        indices=indices,
     )
 
 

@@ -267,6 +267,7 @@ class Trainer:
             log.info("%s has no %r split: no test report", root, test_split)
             test_split = None
         failure = None
+        checked: dict[str, DatasetIndex] = {}  # rank 0 reuses the splits the check opened
         if self.ctx.is_main:
             report = check_dataset(
                 root,
@@ -290,12 +291,16 @@ class Trainer:
                 raise_on_errors(report.problems, root)
             except DataError as exc:
                 failure = str(exc)
+            checked = report.indices
         failure = broadcast_from_main(failure, self.ctx)
         if failure is not None:
             raise DataError(failure)
-        train = open_dataset(root, data.train_split, **split_args)
-        val = open_dataset(root, data.val_split, **split_args)
-        test = open_dataset(root, test_split, **split_args) if test_split else None
+
+        def opened(split: str) -> DatasetIndex:
+            return checked[split] if split in checked else open_dataset(root, split, **split_args)
+
+        train, val = opened(data.train_split), opened(data.val_split)
+        test = opened(test_split) if test_split else None
         for index in (train, val):
             if len(index.samples) == 0:
                 raise DataError(
