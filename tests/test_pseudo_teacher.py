@@ -140,3 +140,26 @@ def test_bad_scales_raise(images: torch.Tensor) -> None:
         teacher_forward(RampNet(), images, torch.ones(2, 3), scales=(), flip=False)
     with pytest.raises(ConfigError, match="positive"):
         teacher_forward(RampNet(), images, torch.ones(2, 3), scales=(1.0, -0.5), flip=False)
+
+
+def _patch_grid_net(x: torch.Tensor) -> NetOutput:
+    """A network with a stride-16 patch grid that drops a remainder, as a ViT patch embedding does:
+    its seg "logits" are the input's first channel averaged over each whole 16 x 16 cell."""
+    cells = torch.nn.functional.avg_pool2d(x[:, :1], 16)  # (B, 1, floor(H/16), floor(W/16))
+    seg = torch.cat([0.5 - cells, cells - 0.5], dim=1)  # class 1 where a cell is mostly bright
+    batch, _, h, w = cells.shape
+    zeros = torch.zeros(batch, 1, h, w)
+    return NetOutput(torch.zeros(batch, 1), torch.zeros(batch, 1), zeros, zeros, seg, zeros)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 1.5])
+def test_native_size_passes_keep_a_step_edge_in_place(scale: float) -> None:
+    # A 375-row image, bright from row 300 down: the case where round(s * H) is not a multiple of 16
+    # and a dropped remainder stretched back over the image moved the edge to row 307 (318 at 0.5).
+    image = torch.zeros(1, 3, 375, 500)
+    image[:, :, 300:] = 1.0
+    seg = teacher_forward(_patch_grid_net, image, torch.ones(1, 1), scales=(scale,), flip=False).seg
+    bright = (seg[0, 1] > seg[0, 0]).float().mean(dim=1)  # (375,) share of each row called bright
+    edge = int(torch.nonzero(bright > 0.5)[0])
+    # Measured: 299, 302, 300 at scales 1.0, 0.5, 1.5 (307 and 318 before the snap to 16).
+    assert abs(edge - 300) <= 3
