@@ -34,7 +34,7 @@ import torch
 from cosa.checkpoint import build_teacher_from_checkpoint, load_checkpoint
 from cosa.config import apply_overrides, preset
 from cosa.data import open_dataset, read_mask, read_rgb, write_synthetic_dataset
-from cosa.evaluation.metrics import ConfusionMatrix
+from cosa.evaluation.metrics import PartialLabelScore
 from cosa.evaluation.predictors import NativeMultiScalePredictor
 from cosa.pseudo.second_stage import pseudo_mask, write_pseudo_dataset
 from cosa.train.trainer import train
@@ -95,21 +95,14 @@ def confidence_sweep(checkpoint: Path, data: Path) -> list[dict]:
     scales = tuple(ckpt.config.pseudo.scales)
     predictor = NativeMultiScalePredictor(net, torch.device("cpu"), scales=scales, flip=True)
     index = open_dataset(data, "train")
-    matrices = {c: ConfusionMatrix(len(index.class_names)) for c in CONFIDENCES}
-    labelled = dict.fromkeys(CONFIDENCES, 0)
-    total = 0
+    scores = {c: PartialLabelScore(len(index.class_names)) for c in CONFIDENCES}
     for sample in index.samples:
         logits = predictor(np.asarray(read_rgb(sample.image_path), dtype=np.uint8))
         truth = read_mask(sample.mask_path)
-        total += int((truth != 255).sum())
         for c in CONFIDENCES:
-            mask = pseudo_mask(logits, sample.label, 2 * len(scales), c)
-            keep = (mask != 255) & (truth != 255)
-            matrices[c].update(np.where(keep, mask, 0), np.where(keep, truth, 255))
-            labelled[c] += int(keep.sum())
+            scores[c].update(pseudo_mask(logits, sample.label, 2 * len(scales), c), truth)
     return [
-        {"min_confidence": c, "miou": matrices[c].scores().miou, "coverage": labelled[c] / total}
-        for c in CONFIDENCES
+        {"min_confidence": c, "miou": s.miou(), "coverage": s.coverage()} for c, s in scores.items()
     ]
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cosa.evaluation.metrics import ConfusionMatrix
+from cosa.evaluation.metrics import ConfusionMatrix, PartialLabelScore
 
 
 def test_miou_hand_computed_with_ignore() -> None:
@@ -30,3 +30,17 @@ def test_absent_class_is_nan_and_skipped() -> None:
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="differ in shape"):
         ConfusionMatrix(2).update(np.zeros((2, 2), int), np.zeros((2, 3), int))
+
+
+def test_partial_label_score_hand_computed() -> None:
+    score = PartialLabelScore(num_classes=2)
+    assert score.miou() is None and score.coverage() is None
+    labels = np.array([[0, 1, 255, 1]])
+    truth = np.array([[0, 1, 1, 255]])  # 3 labelled truth pixels, 2 of them labelled by both
+    score.update(labels, truth)
+    assert score.coverage() == pytest.approx(2 / 3)
+    assert score.miou() == pytest.approx(1.0)  # both shared pixels agree
+    score.update(np.array([[1, 1]]), np.array([[0, 1]]))
+    # background: tp 1, fn 1 -> 1/2; class 1: tp 2, fp 1 -> 2/3
+    assert score.miou() == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert score.coverage() == pytest.approx(4 / 5)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cosa.data import DatasetIndex, EvalDataset
-from cosa.evaluation.metrics import ConfusionMatrix, TagAgreement
+from cosa.evaluation.metrics import ConfusionMatrix, PartialLabelScore, TagAgreement
 from cosa.evaluation.predictors import Predictor, normalised_image
 from cosa.model import CosaNet
 from cosa.pseudo import cam_pseudo_label, teacher_forward
@@ -101,9 +101,7 @@ class CamQuality:
         self.high = high
         self.cam_matrix = ConfusionMatrix(num_classes)
         self.cam_predicted_matrix = ConfusionMatrix(num_classes)
-        self.cpl_matrix = ConfusionMatrix(num_classes)
-        self.cpl_labelled = 0
-        self.labelled = 0
+        self.cpl = PartialLabelScore(num_classes)
 
     @torch.no_grad()
     def update(self, image: np.ndarray, mask: np.ndarray, label: np.ndarray) -> None:
@@ -126,11 +124,7 @@ class CamQuality:
         cpl = (
             cam_pseudo_label(cam, box, self.low, self.high)[0].cpu().numpy()
         )  # (H, W), 255 = ignore
-        keep = (cpl != 255) & (mask != 255)
-        target = np.where(keep, mask, 255).astype(np.uint8)
-        self.cpl_matrix.update(np.where(keep, cpl, 0), target)
-        self.cpl_labelled += int(keep.sum())
-        self.labelled += int((mask != 255).sum())
+        self.cpl.update(cpl, mask)
 
 
 def _cam_segmentation(cam: torch.Tensor) -> np.ndarray:
@@ -203,6 +197,6 @@ def evaluate(
     if cam_quality is not None and with_masks:
         result.cam_miou = cam_quality.cam_matrix.scores().miou
         result.cam_miou_predicted_labels = cam_quality.cam_predicted_matrix.scores().miou
-        result.cpl_miou = cam_quality.cpl_matrix.scores().miou
-        result.cpl_coverage = cam_quality.cpl_labelled / max(1, cam_quality.labelled)
+        result.cpl_miou = cam_quality.cpl.miou()
+        result.cpl_coverage = cam_quality.cpl.coverage() or 0.0
     return result

@@ -69,6 +69,35 @@ class SegmentationScores:
         }
 
 
+class PartialLabelScore:
+    """Quality of a label map that may leave pixels unlabelled (255): a CAM pseudo-label, a
+    pseudo-mask. mIoU is taken on the pixels both it and the ground truth label; coverage is the
+    share of the ground truth's labelled pixels that it labels. Read the two together: ignoring
+    every hard pixel raises the first and lowers the second."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.matrix = ConfusionMatrix(num_classes)
+        self.labelled = 0  # pixels labelled by both
+        self.truth_labelled = 0  # pixels labelled by the ground truth
+        self.images = 0
+
+    def update(self, labels: np.ndarray, truth: np.ndarray) -> None:
+        """Add one image: `labels` and `truth` integer (H, W) ids, 255 = unlabelled."""
+        keep = (labels != IGNORE_INDEX) & (truth != IGNORE_INDEX)
+        self.matrix.update(np.where(keep, labels, 0), np.where(keep, truth, IGNORE_INDEX))
+        self.labelled += int(keep.sum())
+        self.truth_labelled += int((truth != IGNORE_INDEX).sum())
+        self.images += 1
+
+    def miou(self) -> float | None:
+        """mIoU on the pixels both label (None before any image)."""
+        return self.matrix.scores().miou if self.images else None
+
+    def coverage(self) -> float | None:
+        """Share of the ground truth's labelled pixels this labels (None before any)."""
+        return self.labelled / self.truth_labelled if self.truth_labelled else None
+
+
 MIN_TAG_AREA = 0.01
 """Share of an image a class must cover to count as predicted by `TagAgreement`. Bilinear upsampling
 of stride-16 logits leaves slivers of a neighbouring class along object borders; 1% of the image

@@ -54,7 +54,7 @@ from cosa.data.tagged import (
     write_labels,
 )
 from cosa.errors import ConfigError, DataError
-from cosa.evaluation.metrics import ConfusionMatrix
+from cosa.evaluation.metrics import PartialLabelScore
 from cosa.evaluation.predictors import NativeMultiScalePredictor
 from cosa.evaluation.run import open_checkpoint_data
 from cosa.files import atomic_path, write_bytes_atomic
@@ -188,8 +188,8 @@ def write_pseudo_dataset(
     scales = tuple(ckpt.config.pseudo.scales)
     predictor = NativeMultiScalePredictor(net, torch_device, scales=scales, flip=True)
     palette = np.asarray(ckpt.palette, dtype=np.uint8)
-    scores = ConfusionMatrix(len(ckpt.class_names))
-    labelled = truth_pixels = scored = written = skipped = 0
+    scores = PartialLabelScore(len(ckpt.class_names))
+    written = skipped = 0
     for entry in tqdm(entries, desc="pseudo", unit="img", disable=not progress, dynamic_ncols=True):
         _place_image(entry.source, out / IMAGES_DIR / entry.row.image, copy)
         target = out / MASKS_DIR / mask_name(entry.row.image)
@@ -213,11 +213,7 @@ def write_pseudo_dataset(
                     f"mask {entry.truth} is {truth.shape[1]}x{truth.shape[0]} but its image is "
                     f"{mask.shape[1]}x{mask.shape[0]}; run `cosa data check {data}`"
                 )
-            keep = (mask != IGNORE_INDEX) & (truth != IGNORE_INDEX)
-            scores.update(np.where(keep, mask, 0), np.where(keep, truth, IGNORE_INDEX))
-            labelled += int(keep.sum())
-            truth_pixels += int((truth != IGNORE_INDEX).sum())
-            scored += 1
+            scores.update(mask, truth)
     write_labels(out, [e.row for e in entries], ckpt.class_names)
     return PseudoResult(
         out=out,
@@ -226,9 +222,9 @@ def write_pseudo_dataset(
         pseudo_masks=sum(e.pseudo for e in entries),
         written=written,
         skipped=skipped,
-        miou=scores.scores().miou if scored else None,
-        coverage=labelled / truth_pixels if truth_pixels else None,
-        scored=scored,
+        miou=scores.miou(),
+        coverage=scores.coverage(),
+        scored=scores.images,
         seconds=time.perf_counter() - start,
     )
 
