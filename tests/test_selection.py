@@ -68,4 +68,3 @@ def test_selection_keeps_the_best_and_round_trips() -> None:
     assert (old.best_score, old.best_iteration) == (0.3, 5)
     with pytest.raises(ConfigError, match="chose best.pt by tag_f1, but its data now selects"):
         Selection("miou", "val").restore(stored)
-
