@@ -138,7 +138,6 @@ def check_dataset(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     split_seed: int = 0,
     train_split: str = "train",
-    read_files: bool = True,
     progress: bool = False,
 ) -> DataReport:
     """Validate `root` and summarise it (see the module docstring for what is checked).
@@ -150,7 +149,6 @@ def check_dataset(
         class_names: a trained model's class list incl. background (see `open_dataset`).
         val_fraction, split_seed: a tagged folder's seeded split.
         train_split: the split whose classes must have `MIN_TRAIN_IMAGES_PER_CLASS` images.
-        read_files: decode the images and read the masks (False: labels and lists only).
         progress: show a progress bar while decoding.
 
     Raises:
@@ -186,12 +184,9 @@ def check_dataset(
     summaries = {split: _summarise(index) for split, index in indices.items()}
     if train_split in summaries:
         problems.extend(_rare_classes(labels_file, summaries[train_split], train_split))
-    checked, sides = 0, []
-    if read_files:
-        unique = {(s.image_path, s.mask_path): (s, len(names) - 1) for s in _all_samples(indices)}
-        checked = len(unique)
-        file_problems, sides = _check_files(list(unique.values()), progress)
-        problems.extend(file_problems)
+    unique = {(s.image_path, s.mask_path): (s, len(names) - 1) for s in _all_samples(indices)}
+    file_problems, sides = _check_files(list(unique.values()), progress)
+    problems.extend(file_problems)
     return DataReport(
         root=root,
         layout=layout,
@@ -201,7 +196,7 @@ def check_dataset(
         splits=summaries,
         pairs=_top_pairs(indices),
         problems=problems,
-        images_checked=checked,
+        images_checked=len(unique),
         median_long_side=int(np.median(sides)) if sides else None,
         indices=indices,
     )
