@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The CUDA half of the product in one call, on a machine with one GPU and no network:
+#   1. the GPU tests (`pytest -m gpu`; TensorRT tests skip where TensorRT is not installed),
+#   2. training speed of the demo and paper configurations (benchmarks/train_speed.py),
+#   3. a 200-iteration demo training on CUDA with its test mIoU (compare with the same on CPU),
+#   4. host-device synchronisations per step of the paper configuration (benchmarks/cuda_syncs.py).
+# Results go to OUT (default benchmarks/results/gpu); each part has its own time limit so one hang
+# does not cost the others, and a failed part does not stop the rest (the summary says which failed).
+#
+#   bash benchmarks/gpu_check.sh [OUT]
+# Packages the machine lacks can be carried as wheels in .whl/ (installed with --no-deps).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/gpu}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+status=()
+
+part() {  # part NAME SECONDS COMMAND...: run with a limit, record its exit status
+  local name="$1" limit="$2"
+  shift 2
+  echo "=== $name ($(date -u +%T), limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  status+=("$name=$rc/$((SECONDS - start))s")
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/cosa_site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/cosa_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+
+# Modules that import tritonclient at the top hold no GPU tests.
+part gpu_tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs \
+  --ignore=tests/test_triton_client.py --ignore=tests/test_triton_repo.py \
+  --ignore=tests/test_triton_server.py tests
+part train_speed 120 "$PY" benchmarks/train_speed.py --configs demo,paper --device cuda --out "$OUT"
+part demo200 150 "$PY" -m cosa.app.cli train --preset demo --max-iters 200 --device cuda \
+  --out /tmp/cosa_demo200 --json
+cp /tmp/cosa_demo200/metrics.jsonl "$OUT/demo200_metrics.jsonl" 2>/dev/null
+part cuda_syncs 90 "$PY" benchmarks/cuda_syncs.py --out "$OUT"
+echo "=== summary: ${status[*]}"
