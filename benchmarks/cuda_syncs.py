@@ -38,7 +38,7 @@ def _trainer_iteration(frame: FrameType | None) -> int | None:
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, Trainer):
-            return owner.iteration
+            return getattr(owner, "iteration", None)  # None while it is being built
         frame = frame.f_back
     return None
 

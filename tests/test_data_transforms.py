@@ -180,3 +180,28 @@ def test_denormalize_inverts_normalize() -> None:
     batch = denormalize(torch.stack([x, x]))  # (B, 3, H, W) works too
     assert batch.shape == (2, 3, 7, 9)
     assert denormalize(torch.full((3, 1, 1), 100.0)).max() == 255.0  # clamped
+
+
+def test_denormalize_is_differentiable_after_a_call_in_inference_mode() -> None:
+    """The cached mean/std made under inference mode must not poison later autograd use."""
+    with torch.inference_mode():
+        denormalize(torch.zeros(1, 3, 2, 2))
+    x = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    denormalize(x).sum().backward()
+    # d/dx of (x * std + mean) * 255 is 255 * std per channel.
+    expected = 255.0 * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_denormalize_does_not_synchronise_on_cuda() -> None:
+    """Run every training step (the CRF energy's colours): a host-to-device copy there stalls the
+    host once per step (counted by benchmarks/cuda_syncs.py)."""
+    x = torch.zeros(2, 3, 4, 4, device="cuda")
+    denormalize(x)  # the first call on a device makes the constants
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        denormalize(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -20,6 +20,7 @@ Random draws happen in `sample_view_params`, always the same number in the same 
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -208,9 +209,20 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     Round and cast with `.round().to(torch.uint8)` for display; losses that want 0-255 colours
     (the CRF energy) can use the float values directly.
     """
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    mean, std = _mean_std(x.device)
     return ((x.float() * std + mean) * 255.0).clamp_(0.0, 255.0)
+
+
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (3, 1, 1) float32 tensors on `device`, made once per device: a
+    fresh host-to-device copy every training step would stall the host until the GPU caught up.
+    Made outside inference mode so that autograd may save them whatever mode the first call ran
+    in."""
+    with torch.inference_mode(False):
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1)
+    return mean, std
 
 
 def apply_view_params(image: Image.Image, crop_size: int, params: ViewParams) -> TrainViews:
