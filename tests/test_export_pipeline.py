@@ -342,12 +342,21 @@ def test_out_under_a_file_is_not_writable(tmp_path: Path, checkpoint: Path) -> N
     assert _entries(tmp_path) == ["file"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_parent_is_not_writable(tmp_path: Path, checkpoint: Path) -> None:
+def test_read_only_parent_is_not_writable(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The refusal a read-only folder gives, raised where the export first writes: root (as CI
+    # runs) ignores directory permissions, so a real chmod would prove nothing there.
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    with pytest.raises(ExportError, match="cannot write to"):
+    locked.mkdir()
+
+    def refuse(*args: object, dir: str | os.PathLike | None = None, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr("tempfile.mkdtemp", refuse)
+    with pytest.raises(ExportError, match=r"cannot write to .*locked \(Permission denied\)"):
         export_artifacts(checkpoint, locked / "out", ExportOptions())
+    assert _entries(locked) == []
 
 
 def test_out_that_is_a_file(tmp_path: Path, checkpoint: Path) -> None:

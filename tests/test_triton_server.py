@@ -105,11 +105,8 @@ def local(artifact: Path):
 
 
 @pytest.fixture(scope="module")
-def installed() -> None:
-    try:
-        find_triton()
-    except MissingDependencyError as exc:
-        pytest.skip(f"embedded Triton not set up ({exc})")
+def installed(triton_installed: None) -> None:
+    """Every server test needs the embedded Triton (see conftest: skipped locally, fails in CI)."""
 
 
 @pytest.fixture(scope="module")
