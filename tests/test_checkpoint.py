@@ -1,5 +1,6 @@
 """Checkpoint format: atomic writes, round trip, clear errors for bad files."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,32 @@ def test_bad_files_give_actionable_errors(tmp_path: Path) -> None:
     (tmp_path / "cut.pt").write_bytes(truncated)
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+@pytest.mark.parametrize("failing", ["torch.save", "os.replace"])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A disk that fills up mid-write (torch.save) or a rename refused at the end (os.replace):
+    the checkpoint a resume would read is the previous one, whole."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(_ckpt(), path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def half_written(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)  # type: ignore[attr-defined]  # what a full disk leaves behind
+        raise OSError(28, "No space left on device")
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    newer = dataclasses.replace(_ckpt(), iteration=8)
+    monkeypatch.setattr(failing, half_written if failing == "torch.save" else refused)
+    with pytest.raises(OSError):
+        save_checkpoint(newer, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert load_checkpoint(path).iteration == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
