@@ -434,6 +434,11 @@ def demo(
     max_iters: Annotated[int | None, typer.Option(help="Shorter or longer training.")] = None,
     images: Annotated[int, typer.Option(help="Test images to segment at the end.")] = 8,
     device: Annotated[Device, typer.Option()] = Device.auto,
+    config: Annotated[Path | None, typer.Option(help="YAML file of overrides.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="key=value override of the demo preset, repeatable."),
+    ] = None,
 ) -> None:
     """The embedded default: train on synthetic data, export to ONNX, segment test images."""
     from cosa.config import resolve
@@ -444,7 +449,13 @@ def demo(
 
     run = out / "run"
     resume = (run / "checkpoints" / "last.pt").is_file()
-    result = launch(resolve("demo"), run, device=device.value, resume=resume, max_iters=max_iters)
+    result = launch(
+        resolve("demo", config, set_ or []),
+        run,
+        device=device.value,
+        resume=resume,
+        max_iters=max_iters,
+    )
     summary = result if isinstance(result, dict) else result.to_json()
     checkpoint = Path(summary["best_checkpoint"] or summary["last_checkpoint"])
     exported = export_artifacts(checkpoint, out / "export", ExportOptions())
@@ -878,6 +889,9 @@ def _parse_ints(text: str, option: str) -> tuple[int, ...]:
 
 
 def main() -> None:
+    from cosa.allocator import keep_freed_memory
+
+    keep_freed_memory()  # every command: training and inference churn large tensors
     app()
 
 
