@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cosa import __version__
+from cosa.allocator import keep_freed_memory
 from cosa.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cosa.config import CosaConfig, dump_yaml
 from cosa.data import DatasetIndex, EvalDataset, TrainDataset, open_dataset, write_synthetic_dataset
@@ -735,6 +736,7 @@ def train(
     With `resume`, the run's own config (from `checkpoints/last.pt`) is used and `cfg` is ignored;
     `max_iters` may still lengthen or shorten the run.
     """
+    keep_freed_memory()  # each step re-allocates hundreds of MB of temporaries (cosa.allocator)
     ctx = setup_distributed(device)
     try:
         return Trainer(cfg, out, ctx, resume, max_iters=max_iters).run(progress=progress)

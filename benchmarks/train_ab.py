@@ -1,0 +1,206 @@
+"""Training speed A/B: this tree against another commit (or this tree with glibc's default malloc),
+alternating run by run in one session, so that both sides see the same machine and the same load.
+
+Each run is a fresh process that trains the demo preset on the same synthetic data for
+`--warmup + --iters` steps, once in the warm-up phase (classification only) and once with the
+full CoSA step, and reports the median s/it of the timed steps and, over the whole `train()` call
+(set-up and one 2-image evaluation included), the system CPU time and minor page faults per step.
+Sides run in turn (A, B, A, B, ...) for `--rounds` rounds; the table gives each side's median
+over rounds and the ratios B / A.
+
+    python benchmarks/train_ab.py --against 6e97449                 # this tree vs a commit
+    python benchmarks/train_ab.py --system-malloc                   # this tree, malloc tuned vs not
+
+Only `cosa/` of the other commit is imported (training needs nothing outside it), from a
+temporary `git worktree`, so the script works against any commit whose trainer has
+`cosa.train.trainer.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs inside the side's tree (PYTHONPATH); uses only APIs both trees have.
+DRIVER = r"""
+import json, resource, statistics, sys
+from pathlib import Path
+from cosa.config import apply_overrides, preset
+from cosa.train.trainer import train
+
+spec = json.loads(sys.argv[1])
+cfg = apply_overrides(preset("demo"), spec["overrides"])
+before = resource.getrusage(resource.RUSAGE_SELF)
+train(cfg, Path(spec["out"]), device="cpu", progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF)
+lines = Path(spec["out"], "metrics.jsonl").read_text().splitlines()
+steps = [json.loads(x) for x in lines if json.loads(x).get("kind") == "step"]
+timed = [r["sec_per_it"] for r in steps[spec["warmup"]:]]
+n = len(steps)
+allocator = sys.modules.get("cosa.allocator")
+print(json.dumps({
+    "sec_per_it": statistics.median(timed),
+    "sys_s_per_step": (after.ru_stime - before.ru_stime) / n,
+    "user_s_per_step": (after.ru_utime - before.ru_utime) / n,
+    "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / n,
+    "malloc_tuned": bool(allocator and allocator.keep_freed_memory()),
+}))
+"""
+
+
+@dataclass
+class Side:
+    name: str
+    tree: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def run_once(side: Side, data: Path, out: Path, phase: str, warmup: int, iters: int) -> dict:
+    steps = warmup + iters
+    overrides = {
+        "data.root": str(data),
+        "data.train_split": "train",
+        "data.val_split": "val",
+        "data.test_split": None,
+        "train.max_iters": steps,
+        "train.eval_every": steps,
+        "train.checkpoint_every": steps,
+        "train.eval_max_images": 2,
+        "train.vis_images": 0,
+        "model.pretrained": None,
+        "loss.warmup_ramp": 0,
+        "loss.warmup_iters": steps + 1 if phase == "warm-up" else 0,
+    }
+    spec = {"overrides": overrides, "out": str(out), "warmup": warmup}
+    env = {**os.environ, **side.env, "PYTHONPATH": str(side.tree), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(spec)],
+        env=env,
+        cwd=side.tree,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{side.name} ({phase}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown(meta: dict, table: dict) -> str:
+    a, b = meta["sides"]
+    lines = [
+        "# Training A/B",
+        "",
+        f"{meta['machine']}, {meta['cpus']} CPUs, load average {meta['load_at_start']} at start. "
+        f"Demo preset, {meta['iters']} timed steps after {meta['warmup']}, {meta['rounds']} rounds "
+        f"alternating; medians over rounds. Command: `{meta['command']}`.",
+        "",
+        "| phase | metric | " + f"A: {a} | B: {b} | B / A |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for phase, metrics in table.items():
+        for metric, (va, vb) in metrics.items():
+            ratio = vb / va if va else float("nan")
+            lines.append(f"| {phase} | {metric} | {va:.3f} | {vb:.3f} | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--against", help="commit to compare this tree with (side A)")
+    which.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="side A: this tree with COSA_MALLOC=system (glibc's defaults)",
+    )
+    parser.add_argument("--iters", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--phases", default="warm-up,full")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="train_ab", help="result file stem")
+    args = parser.parse_args()
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    load_at_start = round(os.getloadavg()[0], 2)
+
+    with tempfile.TemporaryDirectory(prefix="cosa_train_ab_") as tmp:
+        work = Path(tmp)
+        if args.against:
+            other = work / "other"
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", "-q", str(other), args.against],
+                cwd=ROOT,
+                check=True,
+            )
+            sides = [Side(args.against, other), Side("this tree", ROOT)]
+        else:
+            sides = [
+                Side("COSA_MALLOC=system", ROOT, {"COSA_MALLOC": "system"}),
+                Side("tuned", ROOT),
+            ]
+        try:
+            sys.path.insert(0, str(ROOT))
+            from cosa.data import write_synthetic_dataset
+
+            data = work / "data"
+            write_synthetic_dataset(data, 32, 2, 0, seed=0)
+            results: dict[tuple[str, str], list[dict]] = {}
+            run = 0
+            for round_ in range(args.rounds):
+                for phase in phases:
+                    for side in sides:
+                        run += 1
+                        row = run_once(
+                            side, data, work / f"run{run}", phase, args.warmup, args.iters
+                        )
+                        print(
+                            json.dumps({"round": round_, "phase": phase, "side": side.name, **row})
+                        )
+                        results.setdefault((phase, side.name), []).append(row)
+        finally:
+            if args.against:
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(work / "other")], cwd=ROOT
+                )
+
+    metrics = ("sec_per_it", "sys_s_per_step", "user_s_per_step", "minor_faults_per_step")
+    table = {
+        phase: {
+            m: tuple(statistics.median(r[m] for r in results[(phase, s.name)]) for s in sides)
+            for m in metrics
+        }
+        for phase in phases
+    }
+    meta = {
+        "sides": [s.name for s in sides],
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_at_start": load_at_start,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "command": "python benchmarks/train_ab.py " + " ".join(sys.argv[1:]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = {f"{p} / {s}": v for (p, s), v in results.items()}
+    (args.out / f"{args.name}.json").write_text(
+        json.dumps({"meta": meta, "runs": raw, "table": {p: t for p, t in table.items()}}, indent=2)
+    )
+    (args.out / f"{args.name}.md").write_text(markdown(meta, table))
+    print(markdown(meta, table))
+
+
+if __name__ == "__main__":
+    main()
