@@ -814,6 +814,65 @@ def triton_repo(
     )
 
 
+@triton_app.command("k8s")
+@reports_errors
+def triton_k8s(
+    repo: Annotated[
+        Path, typer.Argument(help="Model repository (from `cosa triton repo`).", metavar="REPO")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to write the manifests into.")],
+    storage_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="Where REPO is in the cluster: pvc://CLAIM/PATH, s3://, gs://, https://, ... "
+            "[default: pvc://cosa-model-repository/<REPO folder name>]"
+        ),
+    ] = None,
+    replicas: Annotated[int, typer.Option(help="Pods at start; the autoscaler's minimum.")] = 1,
+    max_replicas: Annotated[
+        int | None, typer.Option(help="The autoscaler's maximum [default: 2 x --replicas].")
+    ] = None,
+    gpu: Annotated[
+        int | None,
+        typer.Option(help="GPUs per pod [default: 1, or 0 for a python-backend repository]."),
+    ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="Triton image (required for TensorRT engines: the one with their TensorRT)."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Object name [default: the segmentation model's].")
+    ] = None,
+    cpu: Annotated[str, typer.Option(help="CPU request per pod.")] = "2",
+    memory: Annotated[str, typer.Option(help="Memory request and limit per pod.")] = "4Gi",
+    overwrite: Annotated[bool, typer.Option(help="Replace manifests written before.")] = False,
+) -> None:
+    """Write Kubernetes manifests for REPO: Triton Deployment, Service and HPA; KServe
+    InferenceService."""
+    from cosa.serving.k8s_manifests import K8sOptions, write_manifests
+
+    options = K8sOptions(
+        storage_uri=storage_uri,
+        replicas=replicas,
+        max_replicas=max_replicas,
+        gpus=gpu,
+        image=image,
+        name=name,
+        cpu=cpu,
+        memory=memory,
+    )
+    files = write_manifests(repo, out, options, overwrite=overwrite)
+    for path in files:
+        out_console.print(str(path), highlight=False)
+    out_console.print(
+        f"apply one of: kubectl apply -k {out / 'triton'}   (Deployment, Service, HPA)\n"
+        f"              kubectl apply -k {out / 'kserve'}   (KServe InferenceService)",
+        highlight=False,
+    )
+
+
 @triton_app.command("serve")
 @reports_errors
 def triton_serve(

@@ -52,6 +52,7 @@ __all__ = [
     "CONTAINER_IMAGE",
     "HOME_ENV_VAR",
     "PYTRITON_VERSION",
+    "PYTHON_BACKEND_SHM_MIB",
     "SERVER_ENV_REQUIREMENTS",
     "ServerPorts",
     "TritonInstall",
@@ -60,6 +61,8 @@ __all__ = [
     "docker_command",
     "find_triton",
     "free_ports",
+    "model_runtimes",
+    "python_env_install",
     "serve",
     "setup_triton",
 ]
@@ -69,6 +72,9 @@ logger = logging.getLogger(__name__)
 PYTRITON_VERSION = "0.7.0"  # ships tritonserver 2.51.0
 CONTAINER_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # NVIDIA's container with Triton 2.51
 SERVER_ENV_REQUIREMENTS = ("numpy<2", "onnxruntime", "Pillow")
+# /dev/shm of a container running python-backend models: they exchange tensors there, and
+# container runtimes default to 64 MiB.
+PYTHON_BACKEND_SHM_MIB = 1024
 HOME_ENV_VAR = "COSA_TRITON_HOME"
 _MARKER = "install.json"
 _LOG_TAIL_LINES = 25
@@ -596,8 +602,12 @@ def _copy_log(path: Path, offset: int, stream: TextIO | None) -> int:
     return offset + len(data)
 
 
-def _model_runtimes(repo: Path) -> dict[str, str]:
-    """Model name -> backend ("python", "onnxruntime", "tensorrt", "ensemble", ...) per config."""
+def model_runtimes(repo: Path) -> dict[str, str]:
+    """Model name -> backend ("python", "onnxruntime", "tensorrt", "ensemble", ...) per config.
+
+    Raises:
+        ServingError: a config.pbtxt that Triton's schema rejects.
+    """
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -616,7 +626,7 @@ def _model_runtimes(repo: Path) -> dict[str, str]:
 
 def _check_embedded_backends(repo: Path) -> None:
     """Fails before starting when a model needs a backend the embedded server lacks."""
-    runtimes = _model_runtimes(repo)
+    runtimes = model_runtimes(repo)
     if not runtimes:
         raise ServingError(
             f"{repo} holds no model (no */config.pbtxt); build one with `cosa triton repo`"
@@ -647,7 +657,7 @@ def docker_command(
     import shlex
 
     try:
-        runtimes = set(_model_runtimes(repo).values())
+        runtimes = set(model_runtimes(repo).values())
     except ServingError:
         runtimes = set()
     if gpus is None:
@@ -657,15 +667,21 @@ def docker_command(
     if gpus:
         parts += ["--gpus", "all"]
     if "python" in runtimes:
-        parts.append("--shm-size=1g")
+        parts.append(f"--shm-size={PYTHON_BACKEND_SHM_MIB}m")
     parts += ["-p", f"{ports.http}:8000", "-p", f"{ports.grpc}:8001", "-p", f"{ports.metrics}:8002"]
     parts += ["-v", f"{Path(repo).resolve()}:/models:ro", CONTAINER_IMAGE]
     if "python" in runtimes:
-        # Double quotes inside the single-quoted `bash -c` script keep the line readable.
-        requirements = " ".join(
-            r if shlex.quote(r) == r else f'"{r}"' for r in SERVER_ENV_REQUIREMENTS
-        )
-        parts += ["bash", "-c", f"pip install --quiet {requirements} && exec {server}"]
+        parts += ["bash", "-c", f"{python_env_install()} && exec {server}"]
     else:
         parts += server.split()
     return shlex.join(parts)
+
+
+def python_env_install() -> str:
+    """The shell command that installs what python-backend models need into NVIDIA's Triton
+    container, which has neither onnxruntime nor Pillow (`SERVER_ENV_REQUIREMENTS`)."""
+    import shlex
+
+    # Double quotes keep the line readable inside a single-quoted `bash -c` script.
+    requirements = " ".join(r if shlex.quote(r) == r else f'"{r}"' for r in SERVER_ENV_REQUIREMENTS)
+    return f"pip install --quiet {requirements}"

@@ -465,7 +465,7 @@ def test_docker_command_mounts_the_repository_with_the_right_extras(
 
     python = write_repository(artifact, tmp_path / "py", "python")
     line = docker_command(python.root, ServerPorts(9000, 9001, 9002))
-    assert "--gpus" not in line and "--shm-size=1g" in line
+    assert "--gpus" not in line and "--shm-size=1024m" in line
     assert "-p 9001:8001" in line
     assert line.endswith(
         """bash -c 'pip install --quiet "numpy<2" onnxruntime Pillow && exec tritonserver"""
