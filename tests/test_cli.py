@@ -14,7 +14,14 @@ def test_help_lists_every_command() -> None:
     assert result.exit_code == 0
     for command in COMMANDS:
         assert command in result.output
-    for command in (*COMMANDS, "data synth", "triton repo", "triton serve", "triton setup"):
+    for command in (
+        *COMMANDS,
+        "data synth",
+        "triton repo",
+        "triton serve",
+        "triton setup",
+        "triton k8s",
+    ):
         sub = CliRunner().invoke(app, [*command.split(), "--help"])
         assert sub.exit_code == 0, command
         assert "Usage" in sub.output
