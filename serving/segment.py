@@ -60,7 +60,17 @@ from cosa.serving.masks import (
 )
 from cosa.serving.runners import Runner, images_to_batch
 
-__all__ = ["Failure", "PipelineLimits", "SegmentSummary", "SizeGrouper", "segment_inputs"]
+__all__ = [
+    "Failure",
+    "InputPlan",
+    "PipelineLimits",
+    "SegmentSummary",
+    "SizeGrouper",
+    "check_segment_options",
+    "plan_inputs",
+    "segment_inputs",
+    "segment_items",
+]
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +251,44 @@ def segment_inputs(
             far are complete files).
     """
     start = time.perf_counter()
+    check_segment_options(batch_size, fmt, decode_workers, encode_workers, max_in_flight)
+    # Colours are only needed for palette PNGs and overlays (npy holds any number of classes).
+    palette_lut(runner.spec.palette if fmt == "png" or overlay else ())
+    plan = plan_inputs(inputs, out, fmt, overlay, skip_existing)
+    with tqdm(
+        total=len(plan.todo), unit="img", desc="segment", file=sys.stderr, disable=not progress
+    ) as bar:
+        processed, failed = segment_items(
+            plan.todo,
+            out,
+            runner,
+            batch_size,
+            fmt,
+            overlay,
+            decode_workers=decode_workers,
+            encode_workers=encode_workers,
+            max_in_flight=max_in_flight,
+            limits=limits,
+            bar=bar,
+        )
+    return SegmentSummary(
+        processed=processed,
+        failed=plan.failed + sorted(failed, key=plan.order),
+        warnings=plan.warnings,
+        out=out,
+        seconds=time.perf_counter() - start,
+        skipped=plan.skipped,
+    )
+
+
+def check_segment_options(
+    batch_size: int,
+    fmt: str,
+    decode_workers: int = 2,
+    encode_workers: int = 2,
+    max_in_flight: int = 4,
+) -> None:
+    """Raises ConfigError for a batch size, worker count or mask format `segment_inputs` refuses."""
     if min(batch_size, decode_workers, encode_workers, max_in_flight) < 1:
         raise ConfigError(
             f"batch size ({batch_size}), worker counts ({decode_workers}, {encode_workers}) and "
@@ -248,9 +296,41 @@ def segment_inputs(
         )
     if fmt not in MASK_FORMATS:
         raise ConfigError(f"unknown mask format {fmt!r}; choose one of {', '.join(MASK_FORMATS)}")
-    # Colours are only needed for palette PNGs and overlays (npy holds any number of classes).
-    lut = palette_lut(runner.spec.palette if fmt == "png" or overlay else ())
 
+
+@dataclass
+class InputPlan:
+    """What `plan_inputs` found: the images to segment and what is already known about the rest.
+
+    Attributes:
+        todo: images to segment, in discovery order.
+        failed: inputs refused by discovery.
+        warnings: discovery's warnings, and the count skipped by `skip_existing`.
+        skipped: images whose outputs exist (`skip_existing`).
+        positions: input path -> discovery index, to report failures in input order.
+    """
+
+    todo: list[InputItem]
+    failed: list[Failure]
+    warnings: list[str]
+    skipped: int
+    positions: dict[str, int]
+
+    def order(self, failure: Failure) -> int:
+        """Sort key that puts failures in discovery order."""
+        return self.positions.get(failure.path, -1)
+
+
+def plan_inputs(
+    inputs: Sequence[str], out: Path, fmt: MaskFormat, overlay: bool, skip_existing: bool
+) -> InputPlan:
+    """Discovers the images of `inputs`, creates `out`, and leaves out those whose outputs exist
+    when `skip_existing` is set.
+
+    Raises:
+        InputError: the inputs name no image at all.
+        ConfigError: `out` cannot be created as a folder.
+    """
     found = discover_inputs(inputs, exclude=out)
     failed = [Failure(r.path, r.error) for r in found.rejected]
     warnings = list(found.warnings)
@@ -266,7 +346,36 @@ def segment_inputs(
     skipped = len(found.items) - len(todo)
     if skipped:
         warnings.append(f"skipped {skipped} input(s) whose outputs exist (--skip-existing)")
+    positions = {str(i.path): i.index for i in found.items}
+    return InputPlan(todo, failed, warnings, skipped, positions)
 
+
+def segment_items(
+    items: Sequence[InputItem],
+    out: Path,
+    runner: Runner,
+    batch_size: int = 4,
+    fmt: MaskFormat = "png",
+    overlay: bool = False,
+    *,
+    decode_workers: int = 2,
+    encode_workers: int = 2,
+    max_in_flight: int = 4,
+    limits: PipelineLimits | None = None,
+    bar: tqdm | None = None,
+) -> tuple[int, list[Failure]]:
+    """Runs the pipeline over discovered `items` (arguments as for `segment_inputs`).
+
+    This is `segment_inputs` without discovery: the Ray engine's workers run it on their share.
+
+    Returns:
+        (images whose outputs were written, failures in completion order).
+
+    Raises:
+        As `segment_inputs`, but InputError (no discovery here).
+    """
+    check_segment_options(batch_size, fmt, decode_workers, encode_workers, max_in_flight)
+    lut = palette_lut(runner.spec.palette if fmt == "png" or overlay else ())
     pipeline = _Pipeline(
         runner=runner,
         out=out,
@@ -277,20 +386,13 @@ def segment_inputs(
         limits=limits
         or PipelineLimits.for_batch(batch_size, decode_workers, encode_workers, max_in_flight),
     )
-    with tqdm(
-        total=len(todo), unit="img", desc="segment", file=sys.stderr, disable=not progress
-    ) as bar:
-        pipeline.run(todo, decode_workers, encode_workers, bar)
-    order = {str(i.path): i.index for i in found.items}
-    failed += sorted(pipeline.failed, key=lambda f: order.get(f.path, -1))
-    return SegmentSummary(
-        processed=pipeline.processed,
-        failed=failed,
-        warnings=warnings,
-        out=out,
-        seconds=time.perf_counter() - start,
-        skipped=skipped,
-    )
+    progress = bar if bar is not None else tqdm(total=len(items), disable=True)
+    try:
+        pipeline.run(items, decode_workers, encode_workers, progress)
+    finally:
+        if bar is None:
+            progress.close()
+    return pipeline.processed, pipeline.failed
 
 
 def _prepare_out(out: Path) -> None:
