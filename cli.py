@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cosa.errors import CosaError
@@ -50,7 +51,10 @@ def reports_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except CosaError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            # escape: a message may hold brackets ("cosa-toolkit[ray]") that are not markup
+            err_console.print(
+                f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -599,6 +603,11 @@ class MaskFormat(str, Enum):
     npy = "npy"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 @app.command()
 @reports_errors
 def segment(
@@ -630,33 +639,70 @@ def segment(
         MaskFormat, typer.Option("--format", help="png: palette PNG; npy: raw ids.")
     ] = MaskFormat.png,
     skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose mask exists.")] = False,
+    engine: Annotated[
+        Engine,
+        typer.Option(help="local: this process; ray: Ray Data workers (cosa-toolkit[ray])."),
+    ] = Engine.local,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster HOST:PORT, ray://HOST:PORT or auto [default: a local Ray]."),
+    ] = None,
+    ray_workers: Annotated[
+        int | None, typer.Option(help="Ray workers, one runner each [default: one per CPU].")
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Segment images; bad files are reported and skipped (exit code 1 if any failed)."""
+    from cosa.errors import ConfigError
     from cosa.serving.runners import default_parallel_calls, open_runner
     from cosa.serving.segment import segment_inputs
 
-    runner = open_runner(
-        model,
-        backend=backend.value,
-        url=url,
-        protocol=protocol.value,
-        precision=precision,
-        parallel_calls=default_parallel_calls(),
-    )
-    try:
-        summary = segment_inputs(
+    if engine is Engine.ray:
+        from cosa.serving.ray_engine import RayOptions, runner_factory, segment_with_ray
+
+        options = RayOptions(address=ray_address, workers=ray_workers)
+        summary = segment_with_ray(
             inputs,
             out,
-            runner,
+            runner_factory(
+                model,
+                backend=backend.value,
+                url=url,
+                protocol=protocol.value,
+                precision=precision,
+                threads=options.cpus_per_worker,
+            ),
             batch_size=batch_size,
             fmt=format_.value,
             overlay=overlay,
             skip_existing=skip_existing,
             progress=not json_,
+            options=options,
         )
-    finally:
-        runner.close()
+    else:
+        if ray_address is not None or ray_workers is not None:
+            raise ConfigError("--ray-address and --ray-workers need --engine ray")
+        runner = open_runner(
+            model,
+            backend=backend.value,
+            url=url,
+            protocol=protocol.value,
+            precision=precision,
+            parallel_calls=default_parallel_calls(),
+        )
+        try:
+            summary = segment_inputs(
+                inputs,
+                out,
+                runner,
+                batch_size=batch_size,
+                fmt=format_.value,
+                overlay=overlay,
+                skip_existing=skip_existing,
+                progress=not json_,
+            )
+        finally:
+            runner.close()
     if json_:
         print_json(summary.to_json())
     else:
