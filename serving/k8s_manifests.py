@@ -43,7 +43,7 @@ from cosa.serving.triton_server import (
     CONTAINER_IMAGE,
     PYTHON_BACKEND_SHM_MIB,
     ServerPorts,
-    model_runtimes,
+    model_configs,
     python_env_install,
 )
 
@@ -185,8 +185,8 @@ def _plan(repo: Path, options: K8sOptions) -> _Plan:
             f"--out {repo}`"
         )
     layout = read_layout(repo)
-    runtimes = model_runtimes(repo)
-    missing = [m for m in layout.models if m not in runtimes]
+    configs = model_configs(repo)
+    missing = [m for m in layout.models if m not in configs]
     if missing:
         raise ServingError(
             f"{repo} lists model(s) {missing} in its layout file but has no config.pbtxt for "
@@ -218,12 +218,12 @@ def _plan(repo: Path, options: K8sOptions) -> _Plan:
         storage_uri=_storage_uri(options.storage_uri, repo),
         replicas=options.replicas,
         max_replicas=max_replicas,
-        gpus=_gpus(layout, options.gpus),
+        gpus=_gpus(layout, configs[layout.segmentation], options.gpus),
         image=_image(repo, layout, options.image),
         cpu=options.cpu,
         memory=options.memory,
         target_cpu_percent=options.target_cpu_percent,
-        python_models="python" in runtimes.values(),
+        python_models=any(config.backend == "python" for config in configs.values()),
     )
 
 
@@ -239,21 +239,28 @@ def _storage_uri(uri: str | None, repo: Path) -> str:
     return uri
 
 
-def _gpus(layout: RepositoryLayout, gpus: int | None) -> int:
-    """GPUs per pod, checked against where the segmentation model's instances run."""
+def _gpus(layout: RepositoryLayout, segmentation: Any, gpus: int | None) -> int:
+    """GPUs per pod, checked against where the segmentation model's instances run: the kinds
+    of its config.pbtxt `instance_group` (KIND_CPU, KIND_GPU, KIND_AUTO)."""
+    from tritonclient.grpc import model_config_pb2
+
+    name = model_config_pb2.ModelInstanceGroup.Kind.Name
+    kinds = {name(group.kind) for group in segmentation.instance_group} or {"KIND_AUTO"}
+    runtime = segmentation.backend or segmentation.platform
+    where = f"its segmentation model {layout.segmentation!r} ({runtime})"
     if gpus is None:
-        return 0 if layout.platform == "python" else 1
+        return 0 if kinds == {"KIND_CPU"} else 1
     if gpus < 0:
         raise ConfigError(f"--gpu {gpus} must be >= 0")
-    if layout.platform == "python" and gpus > 0:
+    if gpus > 0 and kinds == {"KIND_CPU"}:
         raise ConfigError(
-            f"--gpu {gpus} does not fit {layout.root}: its segmentation model runs on the python "
-            "backend on the CPU (KIND_CPU); drop --gpu, or rebuild the repository with "
-            "`cosa triton repo ARTIFACT_DIR --platform onnxruntime` (or tensorrt)"
+            f"--gpu {gpus} does not fit {layout.root}: {where} runs on the CPU (KIND_CPU); drop "
+            "--gpu, or rebuild the repository with `cosa triton repo ARTIFACT_DIR --platform "
+            "onnxruntime` (or tensorrt)"
         )
-    if layout.platform == "tensorrt" and gpus == 0:
+    if gpus == 0 and "KIND_GPU" in kinds:
         raise ConfigError(
-            f"--gpu 0 does not fit {layout.root}: a TensorRT engine runs only on a GPU; pass "
+            f"--gpu 0 does not fit {layout.root}: {where} runs only on a GPU (KIND_GPU); pass "
             "--gpu 1 or more"
         )
     return gpus

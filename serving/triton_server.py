@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import NamedTuple, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from cosa.errors import MissingDependencyError, ServingError
 
@@ -61,6 +61,7 @@ __all__ = [
     "docker_command",
     "find_triton",
     "free_ports",
+    "model_configs",
     "model_runtimes",
     "python_env_install",
     "serve",
@@ -602,8 +603,8 @@ def _copy_log(path: Path, offset: int, stream: TextIO | None) -> int:
     return offset + len(data)
 
 
-def model_runtimes(repo: Path) -> dict[str, str]:
-    """Model name -> backend ("python", "onnxruntime", "tensorrt", "ensemble", ...) per config.
+def model_configs(repo: Path) -> dict[str, Any]:
+    """Model name -> its parsed config.pbtxt (`tritonclient.grpc.model_config_pb2.ModelConfig`).
 
     Raises:
         ServingError: a config.pbtxt that Triton's schema rejects.
@@ -611,17 +612,28 @@ def model_runtimes(repo: Path) -> dict[str, str]:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    platforms = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
-    runtimes = {}
+    configs = {}
     for config_path in sorted(repo.glob("*/config.pbtxt")):
         config = model_config_pb2.ModelConfig()
         try:
             text_format.Parse(config_path.read_text(), config)
         except (OSError, text_format.ParseError) as exc:
             raise ServingError(f"{config_path} is not a valid model config: {exc}") from exc
-        name = config.name or config_path.parent.name
-        runtimes[name] = config.backend or platforms.get(config.platform, config.platform)
-    return runtimes
+        configs[config.name or config_path.parent.name] = config
+    return configs
+
+
+def model_runtimes(repo: Path) -> dict[str, str]:
+    """Model name -> backend ("python", "onnxruntime", "tensorrt", "ensemble", ...) per config.
+
+    Raises:
+        ServingError: a config.pbtxt that Triton's schema rejects.
+    """
+    platforms = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+    return {
+        name: config.backend or platforms.get(config.platform, config.platform)
+        for name, config in model_configs(repo).items()
+    }
 
 
 def _check_embedded_backends(repo: Path) -> None:

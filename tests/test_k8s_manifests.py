@@ -42,7 +42,8 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Repositories of every platform: onnxruntime with the ensemble, onnxruntime without it
-    (no python-backend model at all), python, tensorrt (its engine recorded as TensorRT 10.5)."""
+    (no python-backend model at all; also pinned to CPU or GPU instances), python, tensorrt (its
+    engine recorded as TensorRT 10.5)."""
     root = tmp_path_factory.mktemp("repos")
     artifact = make_artifact(root / "artifact", plan=True)
     spec = json.loads((artifact / "spec.json").read_text())
@@ -53,6 +54,8 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "onnxruntime_plain": dict(platform="onnxruntime", ensemble=False),
         "python": dict(platform="python"),
         "tensorrt": dict(platform="tensorrt"),
+        "onnxruntime_cpu": dict(platform="onnxruntime", instance_kind="cpu", ensemble=False),
+        "onnxruntime_gpu": dict(platform="onnxruntime", instance_kind="gpu", ensemble=False),
     }
     for name, options in out.items():
         write_repository(artifact, root / name, **options)
@@ -289,9 +292,11 @@ def test_a_missing_required_inference_service_field_is_rejected(
 @pytest.mark.parametrize(
     ("platform", "args", "message"),
     [
-        ("python", ["--gpu", "1"], "runs on the python backend on the CPU"),
+        ("python", ["--gpu", "1"], "'cosa_seg' (python) runs on the CPU (KIND_CPU); drop --gpu"),
+        ("onnxruntime_cpu", ["--gpu", "1"], "(onnxruntime_onnx) runs on the CPU (KIND_CPU)"),
         ("tensorrt", [], "built with TensorRT 10.5.0"),
-        ("tensorrt", ["--image", "x:1", "--gpu", "0"], "runs only on a GPU"),
+        ("tensorrt", ["--image", "x:1", "--gpu", "0"], "runs only on a GPU (KIND_GPU)"),
+        ("onnxruntime_gpu", ["--gpu", "0"], "runs only on a GPU (KIND_GPU)"),
         ("python", ["--replicas", "0"], "--replicas 0 must be >= 1"),
         ("python", ["--replicas", "3", "--max-replicas", "2"], "below --replicas 3"),
         ("python", ["--storage-uri", "/data/repo"], "not a storage URI"),
