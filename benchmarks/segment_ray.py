@@ -93,6 +93,7 @@ def main() -> None:
     if not 1 <= args.small < args.large:
         raise SystemExit("need 1 <= --small < --large")
 
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="cosa-segment-ray-"))
     prefix, made = make_netns(args.netns)
     cases = [(name, size) for name in ENGINES for size in (args.small, args.large)]
@@ -145,6 +146,8 @@ def main() -> None:
         "rounds": args.rounds,
         "cpus": os.cpu_count(),
         "netns": args.netns,
+        # Other work on the machine takes CPU from both engines, not necessarily alike.
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "wall_s": walls,
         "in_command_s": inside,
         "median_wall_s": wall,
@@ -165,7 +168,8 @@ def main() -> None:
         f"batch {args.batch}, {os.cpu_count()} CPUs, Ray in a loopback-only network namespace; "
         f"medians of {args.rounds} interleaved rounds of whole command lines "
         "(`benchmarks/segment_ray.py`). Seconds are the command's own (`--json`), Ray's start "
-        "and stop included.",
+        f"and stop included. Load average (1 min) {load_before[0]:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after ({os.cpu_count()} = every core busy).",
         "",
         f"| engine | {small} images s | {large} images s | images/s at {large} | images/s once "
         "running | fixed cost s |",

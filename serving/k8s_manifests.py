@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from cosa.errors import ConfigError, ServingError
+from cosa.errors import ConfigError, CosaError, ServingError
 from cosa.export.spec import read_spec
 from cosa.files import replace_folder
 from cosa.serving.triton_repo import RepositoryLayout, read_layout
@@ -275,7 +275,7 @@ def _image(repo: Path, layout: RepositoryLayout, image: str | None) -> str:
     if layout.platform == "tensorrt":
         try:
             built_with = read_spec(repo / layout.segmentation).tensorrt_version or "unknown"
-        except Exception:  # noqa: BLE001 - only used to word the message
+        except CosaError:  # only words the message
             built_with = "unknown"
         raise ConfigError(
             f"{repo} serves a TensorRT engine built with TensorRT {built_with}, which runs only "

@@ -26,7 +26,8 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -167,18 +168,14 @@ def segment_with_ray(
     )
 
 
-class _opened:
-    """Context manager: a runner from a factory, closed on exit."""
-
-    def __init__(self, factory: RunnerFactory) -> None:
-        self._factory = factory
-
-    def __enter__(self) -> Runner:
-        self._runner = self._factory()
-        return self._runner
-
-    def __exit__(self, *exc: object) -> None:
-        self._runner.close()
+@contextmanager
+def _opened(factory: RunnerFactory) -> Iterator[Runner]:
+    """A runner from `factory`, closed on exit."""
+    runner = factory()
+    try:
+        yield runner
+    finally:
+        runner.close()
 
 
 def _import_ray() -> Any:
@@ -231,12 +228,19 @@ def _run(
         # Ray's C++ core logs at INFO/ERROR level to stderr; its warnings about restartable
         # actors with arguments in the object store do not concern a run this short.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        ray.init(
-            address=options.address,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        try:
+            ray.init(
+                address=options.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        except Exception as exc:  # ConnectionError, RuntimeError, ... depending on the failure
+            where = f"the Ray cluster at {options.address}" if options.address else "a local Ray"
+            raise ConfigError(
+                f"cannot start or join {where}: {_first_line(exc)}; check --ray-address "
+                "(`ray status` on the head node)"
+            ) from exc
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
