@@ -880,7 +880,9 @@ def triton_k8s(
     ] = None,
     gpu: Annotated[
         int | None,
-        typer.Option(help="GPUs per pod [default: 1, or 0 for a python-backend repository]."),
+        typer.Option(
+            help="GPUs per pod [default: 1; 0 when the segmentation model runs on the CPU]."
+        ),
     ] = None,
     image: Annotated[
         str | None,
@@ -911,11 +913,12 @@ def triton_k8s(
     )
     files = write_manifests(repo, out, options, overwrite=overwrite)
     for path in files:
-        out_console.print(str(path), highlight=False)
+        out_console.print(str(path), highlight=False, markup=False)
     out_console.print(
         f"apply one of: kubectl apply -k {out / 'triton'}   (Deployment, Service, HPA)\n"
         f"              kubectl apply -k {out / 'kserve'}   (KServe InferenceService)",
         highlight=False,
+        markup=False,
     )
 
 
