@@ -20,6 +20,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cosa.choices import (
+    DEFAULT_EVAL_SCALES,
+    Backend,
+    CalibrationMethod,
+    Device,
+    EvalProtocol,
+    InstanceKind,
+    MaskFormat,
+    OrtFusion,
+    Platform,
+    Precision,
+    WireProtocol,
+)
 from cosa.errors import CosaError
 
 app = typer.Typer(
@@ -72,18 +85,6 @@ class Preset(str, Enum):
     voc = "voc"
     coco = "coco"
     reference = "reference"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Protocol(str, Enum):
-    deploy = "deploy"
-    paper = "paper"
-    tta = "tta"
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -206,7 +207,7 @@ def train(
         ),
     ] = None,
     max_iters: Annotated[int | None, typer.Option(help="Override train.max_iters.")] = None,
-    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
+    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.AUTO,
     pretrained: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
     init: Annotated[
         Path | None,
@@ -287,16 +288,23 @@ def eval_(
     data: Annotated[Path, typer.Option(help="Dataset root.")],
     split: Annotated[str, typer.Option(help="Split to score.")] = "val",
     protocol: Annotated[
-        Protocol,
+        EvalProtocol,
         typer.Option(
             help="deploy: what `cosa segment` writes (native size, "
             "single scale); paper: 448x448, scales + flip; tta: native size, scales + flip "
             "(the CAM scores use them too)."
         ),
-    ] = Protocol.deploy,
+    ] = EvalProtocol.DEPLOY,
     scales: Annotated[
         str, typer.Option(help="Scales of the paper and tta protocols.")
-    ] = "1.0,0.5,1.5,0.75,1.25",
+    ] = ",".join(map(str, DEFAULT_EVAL_SCALES)),
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            help="Export folder: the network of this precision (default the export's); the "
+            "file is the one `cosa segment` runs here."
+        ),
+    ] = None,
     flip: Annotated[
         bool, typer.Option(help="Flip test-time augmentation (paper and tta protocols).")
     ] = True,
@@ -304,13 +312,13 @@ def eval_(
         bool, typer.Option(help="Also score CAM and CAM pseudo-labels (checkpoints).")
     ] = True,
     max_images: Annotated[int, typer.Option(help="Score only the first N images (0 = all).")] = 0,
-    device: Annotated[Device, typer.Option()] = Device.auto,
+    device: Annotated[Device, typer.Option()] = Device.AUTO,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """mIoU (plain, the headline), label-masked mIoU, CAM and pseudo-label quality."""
     scale_values = _parse_floats(scales, "--scales")
     if model.is_dir() or model.suffix in (".onnx", ".plan"):
-        result = _evaluate_artifact(model, data, split, protocol.value, max_images)
+        result = _evaluate_artifact(model, data, split, protocol, precision, max_images)
     else:
         from cosa.evaluation.run import evaluate_checkpoint
 
@@ -355,6 +363,16 @@ def eval_(
             f"labels {result.cam_miou_predicted_labels:.4f})   CPL mIoU {result.cpl_miou:.4f} "
             f"(coverage {result.cpl_coverage:.2f})"
         )
+    artifact = result.extra.get("artifact")
+    if artifact:
+        out_console.print(
+            f"scored {artifact.get('file')} with {artifact.get('runtime')} on "
+            f"{artifact.get('device')} ({artifact.get('reason')})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if artifact.get("warning"):
+            err_console.print(f"warning: {artifact['warning']}", highlight=False, soft_wrap=True)
     chosen = result.extra.get("checkpoint")
     if chosen and chosen.get("selection_metric"):
         best = chosen.get("best_score")
@@ -389,7 +407,7 @@ def pseudo(
         bool, typer.Option(help="Resume: keep the masks an interrupted run wrote.")
     ] = False,
     copy: Annotated[bool, typer.Option(help="Copy the images instead of hard-linking.")] = False,
-    device: Annotated[Device, typer.Option()] = Device.auto,
+    device: Annotated[Device, typer.Option()] = Device.AUTO,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Pseudo-masks for a second, fully supervised stage, written as a tagged folder."""
@@ -437,7 +455,7 @@ def demo(
     ),
     max_iters: Annotated[int | None, typer.Option(help="Shorter or longer training.")] = None,
     images: Annotated[int, typer.Option(help="Test images to segment at the end.")] = 8,
-    device: Annotated[Device, typer.Option()] = Device.auto,
+    device: Annotated[Device, typer.Option()] = Device.AUTO,
     config: Annotated[Path | None, typer.Option(help="YAML file of overrides.")] = None,
     set_: Annotated[
         list[str] | None,
@@ -485,24 +503,6 @@ def demo(
 # ----------------------------------------------------------------------------------------- export
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class CalibMethod(str, Enum):
-    entropy = "entropy"
-    percentile = "percentile"
-    minmax = "minmax"
-
-
-class OrtFusion(str, Enum):
-    auto = "auto"
-    on = "on"
-    off = "off"
-
-
 @app.command()
 @reports_errors
 def export(
@@ -512,12 +512,12 @@ def export(
     out: Annotated[Path, typer.Option(help="Export folder (model.onnx + spec.json, ...).")],
     precision: Annotated[
         Precision, typer.Option(help="Primary artifact precision.")
-    ] = Precision.fp32,
+    ] = Precision.FP32,
     calib: Annotated[
         Path | None, typer.Option(help="Calibration images (required for int8).")
     ] = None,
     calib_size: Annotated[int | None, typer.Option(help="At most N calibration images.")] = None,
-    calib_method: Annotated[CalibMethod, typer.Option()] = CalibMethod.entropy,
+    calib_method: Annotated[CalibrationMethod, typer.Option()] = CalibrationMethod.ENTROPY,
     exclude_node: Annotated[
         list[str] | None, typer.Option(help="Keep this node in float (int8), repeatable.")
     ] = None,
@@ -537,7 +537,7 @@ def export(
             help="Also write model.ort.onnx: fused transformer ops, onnxruntime only. "
             "auto: ViT backbones only; on: fail if nothing fuses."
         ),
-    ] = OrtFusion.auto,
+    ] = OrtFusion.AUTO,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Export the assignment network's seg stream: verified ONNX, FP16, INT8 (Q/DQ), TensorRT."""
@@ -585,24 +585,6 @@ def export(
 # -------------------------------------------------------------------------------- segment, stream
 
 
-class Backend(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-    triton = "triton"
-
-
-class WireProtocol(str, Enum):
-    grpc = "grpc"
-    http = "http"
-
-
-class MaskFormat(str, Enum):
-    png = "png"
-    npy = "npy"
-
-
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
@@ -625,11 +607,15 @@ def segment(
             "(with triton: the export folder, for spec.json)."
         ),
     ] = None,
-    backend: Annotated[Backend, typer.Option(help="auto: from the model file.")] = Backend.auto,
+    backend: Annotated[Backend, typer.Option(help="auto: from the model file.")] = Backend.AUTO,
     url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
-    protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.grpc,
+    protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.GRPC,
     precision: Annotated[
-        str | None, typer.Option(help="fp32|fp16|int8 artifact of an export folder (onnxruntime).")
+        Precision | None,
+        typer.Option(
+            help="Network of an export folder (onnxruntime; default the export's precision); "
+            "the file is the one accurate and fast on this device (--json names it)."
+        ),
     ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Images per inference call (same-size images).")
@@ -637,7 +623,7 @@ def segment(
     overlay: Annotated[bool, typer.Option(help="Also write a blended picture per image.")] = False,
     format_: Annotated[
         MaskFormat, typer.Option("--format", help="png: palette PNG; npy: raw ids.")
-    ] = MaskFormat.png,
+    ] = MaskFormat.PNG,
     skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose mask exists.")] = False,
     engine: Annotated[
         Engine,
@@ -654,7 +640,7 @@ def segment(
 ) -> None:
     """Segment images; bad files are reported and skipped (exit code 1 if any failed)."""
     from cosa.errors import ConfigError
-    from cosa.serving.runners import default_parallel_calls, open_runner
+    from cosa.serving.runners import default_parallel_calls, describe_runner, open_runner
     from cosa.serving.segment import segment_inputs
 
     if engine is Engine.ray:
@@ -679,6 +665,8 @@ def segment(
             progress=not json_,
             options=options,
         )
+        # Each Ray worker opens its own runner (the same chooser, on the worker's machine).
+        model_info = {"engine": "ray", "file": None}
     else:
         if ray_address is not None or ray_workers is not None:
             raise ConfigError("--ray-address and --ray-workers need --engine ray")
@@ -690,6 +678,9 @@ def segment(
             precision=precision,
             parallel_calls=default_parallel_calls(),
         )
+        model_info = describe_runner(runner)
+        if model_info.get("warning") and not json_:
+            err_console.print(f"warning: {model_info['warning']}", highlight=False, soft_wrap=True)
         try:
             summary = segment_inputs(
                 inputs,
@@ -704,7 +695,7 @@ def segment(
         finally:
             runner.close()
     if json_:
-        print_json(summary.to_json())
+        print_json({**summary.to_json(), "model": model_info})
     else:
         for failure in summary.failed:
             err_console.print(
@@ -730,11 +721,11 @@ def stream(
     model: Annotated[
         Path | None, typer.Option(help="Export folder, .onnx/.plan or checkpoint.")
     ] = None,
-    backend: Annotated[Backend, typer.Option()] = Backend.auto,
+    backend: Annotated[Backend, typer.Option()] = Backend.AUTO,
     url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
     protocol: Annotated[
         WireProtocol, typer.Option(help="Triton protocol (grpc streams).")
-    ] = WireProtocol.grpc,
+    ] = WireProtocol.GRPC,
     masks: Annotated[
         Path | None, typer.Option(help="Also write one mask PNG per frame here.")
     ] = None,
@@ -781,18 +772,6 @@ def stream(
 # ----------------------------------------------------------------------------------------- triton
 
 
-class Platform(str, Enum):
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-    python = "python"
-
-
-class InstanceKind(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
-
-
 @triton_app.command("setup")
 @reports_errors
 def triton_setup(
@@ -820,7 +799,7 @@ def triton_repo(
     out: Annotated[Path, typer.Option(help="Model repository to create.")],
     platform: Annotated[
         Platform, typer.Option(help="Backend of the segmentation model.")
-    ] = Platform.onnxruntime,
+    ] = Platform.ONNXRUNTIME,
     max_batch: Annotated[int, typer.Option(help="max_batch_size of the segmentation model.")] = 8,
     instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
     preferred_batch: Annotated[str, typer.Option(help="Preferred batch sizes, e.g. 4,8.")] = "",
@@ -829,12 +808,20 @@ def triton_repo(
     instance_kind: Annotated[
         InstanceKind,
         typer.Option(help="auto: GPU for tensorrt, CPU for python, KIND_AUTO for onnxruntime."),
-    ] = InstanceKind.auto,
+    ] = InstanceKind.AUTO,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            help="Network to serve (default the export's precision); the file is the one "
+            "accurate and fast where the instances run (--json names it)."
+        ),
+    ] = None,
     ensemble: Annotated[
         bool, typer.Option(help="Add pre/post-processing + ensemble models.")
     ] = True,
     warmup: Annotated[bool, typer.Option(help="Add model_warmup.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace a repository written by cosa.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Write a Triton model repository (dynamic batching, instances, warmup, ensemble)."""
     from cosa.serving.triton_repo import write_repository
@@ -849,12 +836,23 @@ def triton_repo(
         preferred_batch=preferred,
         max_queue_delay_us=max_queue_delay_us,
         model_name=model_name,
-        instance_kind=None if instance_kind is InstanceKind.auto else instance_kind.value,
+        instance_kind=None if instance_kind is InstanceKind.AUTO else instance_kind.value,
+        precision=precision,
         ensemble=ensemble,
         warmup=warmup,
         overwrite=overwrite,
     )
+    if json_:
+        print_json(layout.to_json_dict())
+        return
+    artifact = layout.artifact or {}
     out_console.print(f"wrote {out}: models {', '.join(layout.models)}")
+    out_console.print(
+        f"{layout.segmentation} serves {artifact.get('file')} ({artifact.get('reason')})",
+        highlight=False,
+    )
+    if artifact.get("warning"):
+        err_console.print(f"warning: {artifact['warning']}", highlight=False, soft_wrap=True)
     out_console.print(
         f"serve it: cosa triton serve {out}   (or: tritonserver --model-repository={out})"
     )
@@ -949,28 +947,35 @@ def triton_serve(
     )
 
 
-def _evaluate_artifact(model: Path, data: Path, split: str, protocol: str, max_images: int) -> Any:
-    """Score an exported artifact (ONNX through onnxruntime, a plan through TensorRT)."""
+def _evaluate_artifact(
+    model: Path,
+    data: Path,
+    split: str,
+    protocol: EvalProtocol,
+    precision: Precision | None,
+    max_images: int,
+) -> Any:
+    """Score an exported network (ONNX through onnxruntime, a plan through TensorRT): the file
+    `cosa segment` runs on this machine (`cosa.export.layout.choose_artifact`)."""
     from cosa.data import open_dataset
     from cosa.errors import ConfigError
     from cosa.evaluation.evaluate import evaluate
-    from cosa.serving.runners import open_runner
+    from cosa.serving.runners import describe_runner, logits_predictor, open_runner
 
-    if protocol != "deploy":
+    if protocol is not EvalProtocol.DEPLOY:
         raise ConfigError(
             "exported artifacts are scored with --protocol deploy (what they compute); "
             "use the checkpoint for --protocol paper or tta"
         )
-    runner = open_runner(model, backend="auto", return_logits=True)
+    runner = open_runner(model, backend="auto", precision=precision, return_logits=True)
     try:
         # A tagged folder's ids follow the model's classes; other layouts must have the same.
         index = open_dataset(data, split, class_names=runner.spec.class_names)
-
-        def predict(image: Any) -> Any:
-            batch = image.transpose(2, 0, 1)[None].astype("float32")
-            return runner.infer(batch)["logits"][0]
-
-        return evaluate(predict, index, protocol="deploy", max_images=max_images)
+        result = evaluate(
+            logits_predictor(runner), index, protocol=protocol.value, max_images=max_images
+        )
+        result.extra["artifact"] = describe_runner(runner)
+        return result
     finally:
         runner.close()
 

@@ -45,6 +45,7 @@ __all__ = [
     "load_image",
     "palette_image",
     "pil_to_rgb",
+    "voc_palette",
 ]
 
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
@@ -54,7 +55,6 @@ SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
 
 # Pillow format ids of those suffixes ("JPEG" also opens MPO, the multi-picture JPEG of cameras).
 PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "DIB", "WEBP", "TIFF")
-
 
 
 def is_image_name(name: str) -> bool:
@@ -225,3 +225,28 @@ def encode_palette_png(mask: np.ndarray, palette: np.ndarray, compress_level: in
     encoded = io.BytesIO()
     palette_image(mask, palette).save(encoded, format="PNG", compress_level=compress_level)
     return encoded.getvalue()
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: the bits of each id spread over the high bits of R, G and B.
+
+    The default palette of masks (datasets without their own colours, a Triton model without an
+    export folder).
+
+    Args:
+        n: number of entries, 1..256. Entry 255 (the ignore id) is (224, 224, 192).
+
+    Returns:
+        uint8 array (n, 3); entry 0 is black, entry 1 (128, 0, 0), entry 2 (0, 128, 0), ...
+
+    Raises:
+        ValueError: `n` outside 1..256 (a programming error, not a user input).
+    """
+    if not 1 <= n <= 256:
+        raise ValueError(f"voc_palette: n must be in 1..256, got {n}")
+    ids = np.arange(n, dtype=np.int64)
+    palette = np.zeros((n, 3), dtype=np.int64)
+    for triple in range(8):  # id bit 3*triple + channel becomes bit 7 - triple of that channel
+        for channel in range(3):
+            palette[:, channel] |= ((ids >> (3 * triple + channel)) & 1) << (7 - triple)
+    return palette.astype(np.uint8)

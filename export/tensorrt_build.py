@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from cosa.choices import Precision
 from cosa.errors import ExportError, MissingDependencyError
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ShapeProfile
 
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_MAJORS = (10, 11)
 DEFAULT_WORKSPACE_MIB = 4096
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS: tuple[str, ...] = tuple(Precision)
 
 # TensorRT 10 builder flags per ONNX precision (see the module docstring); 11 takes none.
 _TRT10_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cosa.errors import ConfigError, InputError, MissingDependencyError, ServingError
+from cosa.export.layout import Runtime, open_artifact
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec
-from cosa.serving.runners import LocalRunner, check_images, resolve_artifact
+from cosa.serving.runners import LocalRunner, check_images
 
 if TYPE_CHECKING:
     import torch
@@ -73,14 +74,15 @@ class TensorRTRunner(LocalRunner):
 
         Raises:
             MissingDependencyError: TensorRT or a CUDA GPU is missing.
-            ConfigError, ExportError: see `resolve_artifact`.
+            ConfigError, ExportError: see `cosa.export.layout.open_artifact`.
             ServingError: the engine does not deserialize (other TensorRT version or GPU) or its
                 tensor names disagree with spec.json.
         """
         import torch
 
         self._torch = torch
-        self.path, self._spec = resolve_artifact(Path(model), ".plan")
+        self.artifact, self._spec = open_artifact(Path(model), Runtime.TENSORRT)
+        self.path = self.artifact.path
         trt = _import_tensorrt()
         self._device = _cuda_device(device_index)
         self._trt_logger = trt.Logger(trt.Logger.WARNING)

@@ -3,9 +3,10 @@
 A predictor maps an RGB uint8 image (H, W, 3) to float32 logits (K, H, W) at the image's size.
 `DeployPredictor` scores exactly what `cosa segment` writes (deploy forward, native resolution,
 single scale). `PaperProtocolPredictor` is the reference protocol (METHOD.md 7): resize to 448x448
-ignoring aspect, scales (1.0, 0.5, 1.5, 0.75, 1.25) + flip, summed seg logits, upsampled to the
-label size. `NativeMultiScalePredictor` is test-time augmentation at the image's own size, fused as
-the training teacher fuses its passes (the same scales and flip give the same seg logits).
+ignoring aspect, scales `DEFAULT_EVAL_SCALES` (1.0, 0.5, 1.5, 0.75, 1.25) + flip, summed seg
+logits, upsampled to the label size. `NativeMultiScalePredictor` is test-time augmentation at the
+image's own size, fused as the training teacher fuses its passes (the same scales and flip give the
+same seg logits).
 Exported artifacts (ONNX, TensorRT) plug in through any callable with the same signature.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cosa.choices import DEFAULT_EVAL_SCALES
 from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cosa.model import CosaNet, DeployModel
 from cosa.pseudo import teacher_forward
@@ -62,7 +64,7 @@ class PaperProtocolPredictor:
         self,
         net: CosaNet,
         device: torch.device,
-        scales: Sequence[float] = (1.0, 0.5, 1.5, 0.75, 1.25),
+        scales: Sequence[float] = DEFAULT_EVAL_SCALES,
         flip: bool = True,
         size: int = 448,
     ) -> None:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cosa.checkpoint import Checkpoint, build_teacher_from_checkpoint, load_checkpoint
+from cosa.choices import DEFAULT_EVAL_SCALES, EvalProtocol, parse_choice
 from cosa.data import DatasetIndex, open_dataset
-from cosa.errors import ConfigError
 from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
 from cosa.evaluation.predictors import (
     DeployPredictor,
@@ -17,15 +17,13 @@ from cosa.evaluation.predictors import (
 )
 from cosa.train.distributed import resolve_device
 
-PROTOCOLS = ("deploy", "paper", "tta")
-
 
 def evaluate_checkpoint(
     checkpoint: Path,
     data: Path,
     split: str = "val",
     protocol: str = "deploy",
-    scales: Sequence[float] = (1.0, 0.5, 1.5, 0.75, 1.25),
+    scales: Sequence[float] = DEFAULT_EVAL_SCALES,
     flip: bool = True,
     with_cam: bool = True,
     max_images: int = 0,
@@ -45,8 +43,7 @@ def evaluate_checkpoint(
         ConfigError: unknown protocol. CheckpointError: unreadable checkpoint. DataError: bad
         dataset, or its classes do not match the checkpoint's.
     """
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    protocol = parse_choice(EvalProtocol, protocol, "protocol").value
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=torch_device)
     index = open_checkpoint_data(ckpt, data, split)
