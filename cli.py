@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -278,6 +279,8 @@ def train(
 
 # ------------------------------------------------------------------------------------------- eval
 
+_SCALES = ",".join(map(str, DEFAULT_EVAL_SCALES))
+
 
 @app.command("eval")
 @reports_errors
@@ -295,9 +298,7 @@ def eval_(
             "(the CAM scores use them too)."
         ),
     ] = EvalProtocol.DEPLOY,
-    scales: Annotated[
-        str, typer.Option(help="Scales of the paper and tta protocols.")
-    ] = ",".join(map(str, DEFAULT_EVAL_SCALES)),
+    scales: Annotated[str, typer.Option(help="Scales of the paper and tta protocols.")] = _SCALES,
     precision: Annotated[
         Precision | None,
         typer.Option(
@@ -305,6 +306,13 @@ def eval_(
             "file is the one `cosa segment` runs here."
         ),
     ] = None,
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            help="Export folder: onnxruntime or tensorrt (auto: tensorrt when the export's "
+            "primary file is an engine)."
+        ),
+    ] = Backend.AUTO,
     flip: Annotated[
         bool, typer.Option(help="Flip test-time augmentation (paper and tta protocols).")
     ] = True,
@@ -318,7 +326,7 @@ def eval_(
     """mIoU (plain, the headline), label-masked mIoU, CAM and pseudo-label quality."""
     scale_values = _parse_floats(scales, "--scales")
     if model.is_dir() or model.suffix in (".onnx", ".plan"):
-        result = _evaluate_artifact(model, data, split, protocol, precision, max_images)
+        result = _evaluate_artifact(model, data, split, protocol, precision, backend, max_images)
     else:
         from cosa.evaluation.run import evaluate_checkpoint
 
@@ -769,6 +777,142 @@ def stream(
     )
 
 
+# -------------------------------------------------------------------------------------- benchmark
+
+
+@app.command()
+@reports_errors
+def benchmark(
+    artifact_dir: Annotated[
+        Path, typer.Argument(help="Folder written by `cosa export`.", metavar="ARTIFACT_DIR")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset root: also score mIoU on --split (as `cosa eval` does)."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split scored with --data.")] = "val",
+    backends: Annotated[
+        str, typer.Option(help="Runtimes to measure, comma-separated.")
+    ] = "onnxruntime,tensorrt,torch,triton",
+    url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
+    protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.GRPC,
+    batch: Annotated[str, typer.Option(help="Batch sizes to time; the first decides.")] = "1,8",
+    size: Annotated[
+        str | None, typer.Option(help="HxW of the timing images (default: the export's opt).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed calls per batch size, at least.")] = 5,
+    seconds: Annotated[
+        float, typer.Option(help="Keep timing a batch size until its calls took this long.")
+    ] = 1.0,
+    max_images: Annotated[int, typer.Option(help="Score only the first N images (0 = all).")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the report as markdown to this file.")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Measure every network of an export folder on this machine and recommend one to deploy."""
+    from cosa.errors import ConfigError
+    from cosa.export.spec import read_spec
+    from cosa.serving.benchmark import BenchmarkOptions
+
+    if out is not None and (out.is_dir() or out.suffix.lower() != ".md"):
+        raise ConfigError(f"--out {out} must be a markdown file path (FILE.md), not a folder")
+    options = BenchmarkOptions(
+        backends=tuple(b.strip() for b in backends.split(",") if b.strip()),  # type: ignore[arg-type]
+        url=url,
+        protocol=protocol,
+        batches=_parse_ints(batch, "--batch"),
+        size=_parse_size(size) if size else None,
+        repeats=repeats,
+        min_seconds=seconds,
+    )
+    if not (artifact_dir / "spec.json").is_file():
+        raise ConfigError(
+            f"{artifact_dir} has no spec.json; pass a folder written by `cosa export`"
+        )
+    spec = read_spec(artifact_dir)
+    scorer = None
+    if data is not None:
+        from cosa.data import open_dataset
+        from cosa.evaluation.evaluate import evaluate
+
+        index = open_dataset(data, split, class_names=spec.class_names)
+
+        def scorer(predict: Any) -> float | None:
+            return evaluate(predict, index, protocol="deploy", max_images=max_images).miou
+
+    report = _run_benchmark(artifact_dir, options, scorer, progress=not json_)
+    if out is not None:
+        from cosa.files import write_text_atomic
+
+        write_text_atomic(out, report.markdown())
+    if json_:
+        print_json(report.to_json())
+        return
+    header, rows = report.rows()
+    height, width = report.size
+    table = Table(
+        title=f"{artifact_dir} on {report.machine}, input {height}x{width}",
+        box=box.SIMPLE_HEAD,
+    )
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i < 3 else "right", no_wrap=i < 2)
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table)
+    out_console.print(
+        "mIoU: "
+        + (f"{data} [{split}], as `cosa eval` scores it" if data else "not measured (no --data)")
+        + f"; = FP32: mask agreement with FP32 on {report.agreement_on}; bN ms / p95: mean and "
+        "95th-percentile latency of a batch of N; MiB: peak memory added; * = recommended",
+        highlight=False,
+    )
+    for skipped in report.skipped:
+        out_console.print(f"skipped {skipped.runtime}: {skipped.reason}", highlight=False)
+    for network in report.networks:
+        for note in network.notes:
+            out_console.print(f"{network.name}: {note}", highlight=False)
+    out_console.print(f"recommendation: {report.recommendation}", highlight=False, soft_wrap=True)
+
+
+def _run_benchmark(artifact_dir: Path, options: Any, scorer: Any, progress: bool) -> Any:
+    """`benchmark_artifacts` with a rich progress bar on stderr (one task per network)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from cosa.serving.benchmark import benchmark_artifacts
+
+    if not progress:
+        return benchmark_artifacts(artifact_dir, options, scorer)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total or None)
+            bar.update(tasks[name], completed=done)
+
+        return benchmark_artifacts(artifact_dir, options, scorer, progress=update)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    from cosa.errors import ConfigError
+
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2 or min(values) < 1:
+        raise ConfigError(f"--size {text!r} is not HxW with two positive integers; e.g. 448x448")
+    return values  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------------------- triton
 
 
@@ -953,6 +1097,7 @@ def _evaluate_artifact(
     split: str,
     protocol: EvalProtocol,
     precision: Precision | None,
+    backend: Backend,
     max_images: int,
 ) -> Any:
     """Score an exported network (ONNX through onnxruntime, a plan through TensorRT): the file
@@ -967,7 +1112,12 @@ def _evaluate_artifact(
             "exported artifacts are scored with --protocol deploy (what they compute); "
             "use the checkpoint for --protocol paper or tta"
         )
-    runner = open_runner(model, backend="auto", precision=precision, return_logits=True)
+    if backend not in (Backend.AUTO, Backend.ONNXRUNTIME, Backend.TENSORRT):
+        raise ConfigError(
+            f"--backend {backend.value} does not score an export folder; use onnxruntime or "
+            "tensorrt (a checkpoint is scored in torch: pass the .pt)"
+        )
+    runner = open_runner(model, backend=backend.value, precision=precision, return_logits=True)
     try:
         # A tagged folder's ids follow the model's classes; other layouts must have the same.
         index = open_dataset(data, split, class_names=runner.spec.class_names)
