@@ -619,6 +619,8 @@ def _measure(
         if progress is not None:
             progress(result.name, done, total)
 
+    if progress is not None:
+        progress(result.name, 0, total)  # shown while it loads
     runner: Runner | None = None
     try:
         with PeakMemory() as memory:
