@@ -863,16 +863,22 @@ def benchmark(
     out_console.print(
         "mIoU: "
         + (f"{data} [{split}], as `cosa eval` scores it" if data else "not measured (no --data)")
-        + f"; = FP32: mask agreement with FP32 on {report.agreement_on}; bN ms / p95: mean and "
-        "95th-percentile latency of a batch of N; MiB: peak memory added; * = recommended",
+        + f"; =FP32: mask agreement with FP32 on {report.agreement_on}; bN ms / p95: mean and "
+        "95th-percentile latency of a batch of N (networks taking turns call by call); MiB: peak "
+        "memory its loading added; * = recommended",
         highlight=False,
+        markup=False,
     )
     for skipped in report.skipped:
-        out_console.print(f"skipped {skipped.runtime}: {skipped.reason}", highlight=False)
+        out_console.print(
+            f"skipped {skipped.runtime}: {skipped.reason}", highlight=False, markup=False
+        )
     for network in report.networks:
         for note in network.notes:
-            out_console.print(f"{network.name}: {note}", highlight=False)
-    out_console.print(f"recommendation: {report.recommendation}", highlight=False, soft_wrap=True)
+            out_console.print(f"{network.name}: {note}", highlight=False, markup=False)
+    out_console.print(
+        f"recommendation: {report.recommendation}", highlight=False, soft_wrap=True, markup=False
+    )
 
 
 def _run_benchmark(artifact_dir: Path, options: Any, scorer: Any, progress: bool) -> Any:

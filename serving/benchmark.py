@@ -3,22 +3,24 @@ this machine, and which one to deploy.
 
 For each network (each ONNX file in onnxruntime, the engine in TensorRT, the source checkpoint in
 torch, the served model through Triton): mean and p95 latency and images/s per batch size on
-seeded random images of one size, the peak memory its loading and timing added to this process,
+seeded random images of one size, the peak memory its loading and warm-up added to this process,
 the agreement of its masks with the FP32 graph's, and, given a scorer (`cosa benchmark --data`),
 its mIoU scored as `cosa eval` scores (the CLI passes `cosa.evaluation.evaluate`: this module
 knows nothing of datasets); without one, the agreement is measured on the export's calibration
 images (calib.npz) when it has them. The recommendation is the fastest network within
 `MAX_MIOU_DROP_POINTS` of FP32, or the reason none qualifies.
 
-Networks are measured one after the other (so that each one's memory is its own); `time_calls`
-can also take turns call by call (round robin, as benchmarks/inference.py does), which spreads a
-burst of load from other processes over all of them. A runtime that is not installed or cannot run
+Each network is loaded and warmed up alone (so that the memory it adds is its own), then all of
+them are timed taking turns call by call (`time_calls`, as benchmarks/inference.py does), which
+spreads a burst of load from other processes over all of them: on a shared machine their ratios
+hold even when the absolute times do not. A runtime that is not installed or cannot run
 here is reported as skipped with the reason; a network that fails to load or run is reported in
 its row and the others are still measured.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import threading
@@ -360,7 +362,7 @@ class BenchmarkReport:
         header = ["network", "runtime", "prec."]
         for batch in self.batches:
             header += [f"b{batch} ms", f"b{batch} p95", f"b{batch} img/s"]
-        header += ["MiB", "mIoU", "= FP32"]
+        header += ["MiB", "mIoU", "=FP32"]
         rows = []
         for net in self.networks:
             row = [net.name + (" *" if net.name == self.recommended else ""), net.runtime]
@@ -368,13 +370,13 @@ class BenchmarkReport:
             for batch in self.batches:
                 stats = net.at(batch)
                 row += (
-                    [f"{stats.mean_ms:.1f}", f"{stats.p95_ms:.1f}", f"{stats.images_per_s:.2f}"]
+                    [_ms(stats.mean_ms), _ms(stats.p95_ms), f"{stats.images_per_s:.3g}"]
                     if stats
                     else ["-", "-", "-"]
                 )
             row.append("-" if net.peak_memory_mib is None else f"{net.peak_memory_mib:.0f}")
             row.append("-" if net.miou is None else f"{net.miou:.2f}")
-            row.append("-" if net.agreement is None else f"{net.agreement:.4f}")
+            row.append("-" if net.agreement is None else f"{net.agreement:.3f}")
             if net.error:
                 row = [row[0], row[1], row[2], f"failed: {net.error}"] + [""] * (len(header) - 4)
             rows.append(row)
@@ -389,9 +391,9 @@ class BenchmarkReport:
             f"Machine: {self.machine}. Input {self.size[0]}x{self.size[1]} (random images), "
             f"batches {', '.join(map(str, self.batches))}; mIoU "
             + ("as `cosa eval` scores it" if self.scored else "not measured (no --data)")
-            + f"; = FP32: mask agreement with FP32 on {self.agreement_on}; bN ms / p95: mean "
-            "and 95th-percentile latency of one batch of N; MiB: peak memory the network added; "
-            "* = recommended.",
+            + f"; =FP32: mask agreement with FP32 on {self.agreement_on}; bN ms / p95: mean "
+            "and 95th-percentile latency of one batch of N, the networks taking turns call by "
+            "call; MiB: peak memory its loading and warm-up added; * = recommended.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
@@ -408,11 +410,16 @@ class BenchmarkReport:
 # ------------------------------------------------------------------------------------- measuring
 
 
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
 @dataclass
 class _Candidate:
     result: NetworkResult
     open: Callable[[], Runner]
     max_batch: int | None = None  # TensorRT profile
+    batches: list[int] = field(default_factory=list)  # the sizes it is timed at
 
 
 def benchmark_artifacts(
@@ -450,17 +457,27 @@ def benchmark_artifacts(
     inputs = {b: rng.uniform(0, 255, (b, 3, *size)).astype(np.float32) for b in options.batches}
     # The FP32 graph first: every other network's masks are compared with its masks.
     candidates.sort(key=lambda c: c.result.role != Role.FP32 or c.result.runtime != "onnxruntime")
-    reference: list[np.ndarray] | None = None
-    for candidate in candidates:
-        masks = _measure(candidate, options, inputs, scorer, sample, reference, progress)
-        if (
-            reference is None
-            and masks is not None
-            and candidate.result.role == Role.FP32
-            and candidate.result.runtime == "onnxruntime"
-        ):
-            reference = masks
-            candidate.result.agreement = 1.0
+    loaded: list[tuple[_Candidate, Runner]] = []
+    try:
+        for candidate in candidates:
+            runner = _load(candidate, options, inputs, progress)
+            if runner is not None:
+                loaded.append((candidate, runner))
+        for batch in options.batches:
+            _time_batch(batch, loaded, inputs[batch], options, progress)
+        reference: list[np.ndarray] | None = None
+        for candidate, runner in loaded:
+            masks = _score(runner, scorer, sample, candidate.result, progress)
+            if masks is None:
+                continue
+            result = candidate.result
+            if reference is None and result.role == Role.FP32 and result.runtime == "onnxruntime":
+                reference = masks  # sorted first
+            if reference is not None:
+                result.agreement = mask_agreement(masks, reference)
+    finally:
+        for _, runner in loaded:
+            runner.close()
     results = [c.result for c in candidates]
     ref_row = next(
         (r for r in results if r.role == Role.FP32 and r.runtime == "onnxruntime" and not r.error),
@@ -590,68 +607,80 @@ def _candidates(
     return candidates, skipped
 
 
-def _measure(
+def _load(
     candidate: _Candidate,
     options: BenchmarkOptions,
     inputs: dict[int, np.ndarray],
-    scorer: Scorer | None,
-    sample: np.ndarray | None,
-    reference: list[np.ndarray] | None,
     progress: Progress | None,
-) -> list[np.ndarray] | None:
-    """Fill `candidate.result`; return its masks (of the scored split or of `sample`) or
-    None."""
+) -> Runner | None:
+    """Open the network and warm it up at every batch size it takes, measuring the memory that
+    adds; None (and the error in its row) when it fails."""
     result = candidate.result
-    batches = [
-        b for b in options.batches if candidate.max_batch is None or b <= candidate.max_batch
-    ]
-    if len(batches) < len(options.batches):
-        result.notes.append(
-            f"batches above the engine profile's max {candidate.max_batch} not timed"
-        )
-    calls_each = options.warmup + options.repeats
-    total = len(batches) * calls_each + 1
-    done = 0
-
-    def step() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(result.name, done, total)
-
+    limit = candidate.max_batch
+    candidate.batches = [b for b in options.batches if limit is None or b <= limit]
+    if len(candidate.batches) < len(options.batches):
+        result.notes.append(f"batches above the engine profile's max {limit} not timed")
+    warmup = max(1, options.warmup)  # a first call at each size, untimed, also checks it runs
+    total = 1 + warmup * len(candidate.batches)
     if progress is not None:
         progress(result.name, 0, total)  # shown while it loads
     runner: Runner | None = None
     try:
         with PeakMemory() as memory:
             runner = candidate.open()
-            step()
-            for batch in batches:
-                images = inputs[batch]
-                stats = time_calls(
-                    {0: lambda images=images: runner.infer(images)},  # type: ignore[union-attr]
-                    batch,
-                    warmup=options.warmup,
-                    repeats=options.repeats,
-                    min_seconds=options.min_seconds,
-                    on_call=step,
-                )
-                result.latency.append(stats[0])
-        result.peak_memory_mib = memory.peak_mib
-        result.gpu_peak_memory_mib = memory.gpu_peak_mib
-        masks = _masks(runner, scorer, sample, result, progress)
+            done = 1
+            for batch in candidate.batches:
+                for _ in range(warmup):
+                    if progress is not None:
+                        progress(result.name, done, total)
+                    runner.infer(inputs[batch])
+                    done += 1
     except CosaError as exc:
         result.error = str(exc).splitlines()[0]
-        return None
-    finally:
         if runner is not None:
             runner.close()
-    if reference is not None and masks is not None:
-        result.agreement = mask_agreement(masks, reference)
-    return masks
+        return None
+    result.peak_memory_mib = memory.peak_mib
+    result.gpu_peak_memory_mib = memory.gpu_peak_mib
+    return runner
 
 
-def _masks(
+def _time_batch(
+    batch: int,
+    loaded: list[tuple[_Candidate, Runner]],
+    images: np.ndarray,
+    options: BenchmarkOptions,
+    progress: Progress | None,
+) -> None:
+    """Time every loaded network that takes `batch`, taking turns call by call."""
+    timed = [(c, r) for c, r in loaded if batch in c.batches and c.result.error is None]
+    if not timed:
+        return
+    label = f"timing batch {batch} ({len(timed)} networks taking turns)"
+    total = options.repeats * len(timed)
+    done = 0
+
+    def call(candidate: _Candidate, runner: Runner) -> None:
+        nonlocal done
+        if candidate.result.error is None:
+            try:
+                runner.infer(images)
+            except CosaError as exc:
+                candidate.result.error = f"batch {batch}: {str(exc).splitlines()[0]}"
+        done += 1
+        if progress is not None:
+            progress(label, done, total)
+
+    calls = {id(c): functools.partial(call, c, r) for c, r in timed}
+    stats = time_calls(
+        calls, batch, warmup=0, repeats=options.repeats, min_seconds=options.min_seconds
+    )
+    for candidate, _ in timed:
+        if candidate.result.error is None:
+            candidate.result.latency.append(stats[id(candidate)])
+
+
+def _score(
     runner: Runner,
     scorer: Scorer | None,
     sample: np.ndarray | None,
@@ -660,10 +689,14 @@ def _masks(
 ) -> list[np.ndarray] | None:
     """Score the runner (mIoU into `result`) and return its masks: of the scored images, else of
     `sample` (float32 (N, 3, H, W)), else None."""
-    if scorer is None:
-        if sample is None:
-            return None
-        return [runner.infer(np.ascontiguousarray(image[None]))[MASK_NAME][0] for image in sample]
+    try:
+        if scorer is None:
+            if sample is None:
+                return None
+            return [runner.infer(np.ascontiguousarray(im[None]))[MASK_NAME][0] for im in sample]
+    except CosaError as exc:
+        result.error = f"agreement: {str(exc).splitlines()[0]}"
+        return None
     masks: list[np.ndarray] = []
     num_classes = runner.spec.num_classes
 
@@ -675,7 +708,11 @@ def _masks(
         # One-hot logits: the scorer's argmax gives back the network's own mask.
         return np.eye(num_classes, dtype=np.float32)[mask].transpose(2, 0, 1)
 
-    miou = scorer(predict)
+    try:
+        miou = scorer(predict)
+    except CosaError as exc:
+        result.error = f"scoring: {str(exc).splitlines()[0]}"
+        return None
     result.miou = None if miou is None else 100.0 * miou
     return masks
 
