@@ -746,7 +746,7 @@ def stream(
     Files and image sequences run two frames at once on a local onnxruntime backend with two or
     more CPUs (more frames per second); a camera runs one at a time (lower latency).
     """
-    from cosa.serving.runners import default_parallel_calls, open_runner
+    from cosa.serving.runners import default_parallel_calls, describe_runner, open_runner
     from cosa.serving.stream import is_camera, run_stream
 
     runner = open_runner(
@@ -769,7 +769,7 @@ def stream(
     finally:
         runner.close()
     if json_:
-        print_json(summary.to_json())
+        print_json({**summary.to_json(), "model": describe_runner(runner)})
         return
     out_console.print(
         f"{summary.frames} frames -> {summary.out}: {summary.fps:.1f} FPS, latency p50 "
@@ -792,8 +792,12 @@ def benchmark(
     ] = None,
     split: Annotated[str, typer.Option(help="Split scored with --data.")] = "val",
     backends: Annotated[
-        str, typer.Option(help="Runtimes to measure, comma-separated.")
-    ] = "onnxruntime,tensorrt,torch,triton",
+        str | None,
+        typer.Option(
+            help="Runtimes to measure, comma-separated (default: all; those that cannot run "
+            "here are listed as skipped)."
+        ),
+    ] = None,
     url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
     protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.GRPC,
     batch: Annotated[str, typer.Option(help="Batch sizes to time; the first decides.")] = "1,8",
@@ -817,8 +821,10 @@ def benchmark(
 
     if out is not None and (out.is_dir() or out.suffix.lower() != ".md"):
         raise ConfigError(f"--out {out} must be a markdown file path (FILE.md), not a folder")
+    names = tuple(b.strip() for b in (backends or "").split(",") if b.strip())
+    chosen = {"backends": names} if backends is not None else {}
     options = BenchmarkOptions(
-        backends=tuple(b.strip() for b in backends.split(",") if b.strip()),  # type: ignore[arg-type]
+        **chosen,  # type: ignore[arg-type]
         url=url,
         protocol=protocol,
         batches=_parse_ints(batch, "--batch"),

@@ -68,7 +68,8 @@ MAX_MIOU_DROP_POINTS = 1.0
 """A network qualifies for the recommendation when its mIoU is at most this many points below
 FP32's (the INT8 target of issue 4)."""
 
-DEFAULT_BACKENDS: tuple[Backend, ...] = (Backend.ONNXRUNTIME, Backend.TENSORRT, Backend.TORCH)
+DEFAULT_BACKENDS: tuple[Backend, ...] = tuple(b for b in Backend if b is not Backend.AUTO)
+"""Every runtime; those that cannot run here are reported as skipped (Triton without a URL)."""
 
 Predict = Callable[[np.ndarray], np.ndarray]
 """One uint8 image (H, W, 3) -> float32 logits (K, H, W), as `cosa.evaluation` predictors."""
