@@ -818,4 +818,5 @@ def _machine_line() -> str:
     import platform
 
     cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} CPUs"
+    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {os.cpu_count()} CPUs{load}"
