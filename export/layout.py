@@ -18,10 +18,10 @@ One folder written by `cosa export` holds up to five networks. Their file names 
 `choose_artifact` is the one place that decides which of them a runtime runs for a requested
 precision on the machine it runs on; `cosa segment`, `cosa stream`, `cosa eval DIR`, `cosa triton
 repo` and `cosa benchmark` all ask it. For INT8 the answer depends on the machine: the Q/DQ file
-is TensorRT's input, and in onnxruntime on an x86 CPU without VNNI its u8 x s8 products saturate
-(onnxruntime's quantization guide says so; on the demo network it lost 5.1 mIoU points and ran at
-a third of the speed of the CPU file, benchmarks/results/inference.md), so onnxruntime on a CPU
-runs `model.int8_cpu.onnx`. onnxruntime's CUDA provider has no QLinearConv kernel (those nodes
+is TensorRT's input, and in onnxruntime on an x86 CPU without VNNI its u8 x s8 products can
+saturate (onnxruntime's quantization guide says so; one demo network lost 5.1 mIoU points) and it
+runs 4-10x slower than the CPU file (benchmarks/results/cosa_benchmark_demo.md), so onnxruntime on
+a CPU runs `model.int8_cpu.onnx`. onnxruntime's CUDA provider has no QLinearConv kernel (those nodes
 would fall back to the CPU), so on a GPU it runs the Q/DQ file, which computes there what TensorRT
 computes.
 
@@ -413,9 +413,9 @@ def _ranked(
         Role.INT8,
         "INT8 Q/DQ graph (the export has no CPU INT8 file)",
         (
-            "model.int8.onnx is TensorRT's INT8 file; onnxruntime's x86 INT8 kernels saturate on "
-            "it (5 mIoU points lost on the demo model): re-export with this cosa for "
-            "model.int8_cpu.onnx, or run --precision fp32"
+            "model.int8.onnx is TensorRT's INT8 file; onnxruntime's x86 INT8 kernels can saturate "
+            "on it (5 mIoU points lost on one demo model) and run it slowly: re-export with this "
+            "cosa for model.int8_cpu.onnx, or run --precision fp32"
         )
         if machine.x86
         else None,
