@@ -121,7 +121,7 @@ def test_cam_quality_scores_gt_and_predicted_labels_separately(val_index) -> Non
 
     def score(claimed: list[int]) -> tuple[float, float]:
         net = _ScriptedNet(mask, num_classes, claimed)
-        quality = CamQuality(net, torch.device("cpu"), num_classes + 1, (1.0,), 0.25, 0.7)
+        quality = CamQuality(net, torch.device("cpu"), num_classes + 1, (1.0,), 0.25, 0.7, True)
         quality.update(item["image"], mask, item["label"])
         return quality.cam_matrix.scores().miou, quality.cam_predicted_matrix.scores().miou
 

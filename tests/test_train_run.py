@@ -115,6 +115,42 @@ def test_cli_errors_are_one_line_exit_2(tiny_data: Path, tmp_path: Path) -> None
     assert res.exit_code == 2 and "did you mean 'seg_weight'" in res.output
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path)])
     assert res.exit_code == 2 and str(tmp_path) in res.output
+    # A bad value fails at resolve time: before the (missing) data is looked at or a folder made.
+    for setting in ("separation.temperature=0", "loss.crf_window=2", "pseudo.scales=[0.5, -1]"):
+        started = time.perf_counter()
+        res = runner.invoke(
+            app,
+            ["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "nope")]
+            + ["--set", setting],
+        )
+        key = setting.split("=")[0]
+        assert res.exit_code == 2 and f"{key}=" in res.output and "must be" in res.output
+        assert "nope" not in res.output and not (tmp_path / "r").exists()
+        assert time.perf_counter() - started < 5
+
+
+def test_pseudo_flip_off_is_honoured_by_every_teacher_pass(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training steps, pictures, CAM quality in training and `cosa eval` all read pseudo.flip."""
+    import cosa.evaluation.evaluate
+    import cosa.train.trainer
+    from cosa.evaluation.run import evaluate_checkpoint
+
+    flips: list[bool] = []
+    for module in (cosa.evaluation.evaluate, cosa.train.trainer):
+        real = module.teacher_forward
+
+        def spy(*args: object, _real=real, **kwargs: object):  # type: ignore[no-untyped-def]
+            flips.append(kwargs["flip"] if "flip" in kwargs else args[4])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "teacher_forward", spy)
+    cfg = _cfg(tiny_data, **{"pseudo.flip": False, "train.max_iters": 2})
+    launch(cfg, tmp_path / "run", device="cpu", progress=False)
+    training_passes = len(flips)
+    evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", tiny_data, device="cpu")
+    assert training_passes >= 3 and len(flips) > training_passes and not any(flips)
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_is_saved(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from cosa.choices import DEFAULT_EVAL_SCALES
 from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cosa.model import CosaNet, DeployModel
+from cosa.model.deploy import network_size
 from cosa.pseudo import teacher_forward
 
 
@@ -81,7 +82,7 @@ class PaperProtocolPredictor:
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         total = None
         for scale in self.scales:
-            side = max(16, int(round(self.size * scale / 16)) * 16)
+            side, _ = network_size(round(self.size * scale), round(self.size * scale))
             xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
             batch = torch.cat([xs, xs.flip(-1)]) if self.flip else xs
             seg = self.net.forward_seg(batch)  # (1 or 2, K, side/16, side/16)
@@ -99,9 +100,10 @@ class PaperProtocolPredictor:
 class NativeMultiScalePredictor:
     """Multi-scale (+ flip) test-time augmentation at the image's own size.
 
-    Each scale resizes the image to round(s*H) x round(s*W); seg logits are upsampled back to
-    H x W and summed over the flip pair and the scales: `teacher_forward`'s fusion, so with the
-    checkpoint's `pseudo.scales` it scores the seg stream of the teacher that trained the model.
+    Each scale resizes the image to round(s*H) x round(s*W), snapped to multiples of 16; seg logits
+    are upsampled back to H x W and summed over the flip pair and the scales: `teacher_forward`'s
+    fusion, so with the checkpoint's `pseudo.scales` it scores the seg stream of the teacher that
+    trained the model.
     """
 
     def __init__(

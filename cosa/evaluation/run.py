@@ -33,8 +33,9 @@ def evaluate_checkpoint(
 
     `protocol`: "deploy" (native size, single scale: what `cosa segment` writes), "paper" (448x448,
     `scales` + `flip`) or "tta" (native size, `scales` + `flip`). The CAM and CPL scores use the
-    checkpoint's teacher scales (+ flip) except under "tta", where they use `scales` and `flip`
-    too, so a CAM-only model and a seg stream can be compared with the same augmentation.
+    checkpoint's teacher scales and flip (`pseudo.scales`, `pseudo.flip`) except under "tta",
+    where they use `scales` and `flip` too, so a CAM-only model and a seg stream can be compared
+    with the same augmentation.
 
     The result's `extra["checkpoint"]` holds the checkpoint's iteration and how its run chooses
     best.pt (`selection_metric`, `selection_split`, `best_score`, `best_iteration`).
@@ -61,7 +62,9 @@ def evaluate_checkpoint(
         low = float(thresholds.get("low", ckpt.config.pseudo.low_threshold))
         high = float(thresholds.get("high", ckpt.config.pseudo.high_threshold))
         cam_scales, cam_flip = (
-            (tuple(scales), flip) if protocol == "tta" else (ckpt.config.pseudo.scales, True)
+            (tuple(scales), flip)
+            if protocol == "tta"
+            else (ckpt.config.pseudo.scales, ckpt.config.pseudo.flip)
         )
         quality = CamQuality(
             net, torch_device, len(index.class_names), cam_scales, low, high, flip=cam_flip

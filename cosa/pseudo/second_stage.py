@@ -6,9 +6,9 @@ train.supervision=full`). What makes each mask, and why:
 
 - the assignment network (the EMA teacher: the network `cosa segment` deploys, and the one that
   made the training targets);
-- its seg stream fused over the run's teacher scales and the horizontal flip at the image's own
-  size (`NativeMultiScalePredictor`: the fusion the teacher used during training), because the
-  fused prediction is smoother and more complete than one pass;
+- its seg stream fused over the run's teacher scales and flip (`pseudo.scales`, `pseudo.flip`)
+  at the image's own size (`NativeMultiScalePredictor`: the fusion the teacher used during
+  training), because the fused prediction is smoother and more complete than one pass;
 - restricted to the image's tags: classes the image is not tagged with get no pixel. Tags are known
   for every training image, so this removes the first stage's false classes for free (the README's
   label-masked mIoU is the same restriction at test time);
@@ -186,7 +186,9 @@ def write_pseudo_dataset(
     entries = _plan(ckpt, Path(data), split)
     net = build_teacher_from_checkpoint(ckpt).to(torch_device)
     scales = tuple(ckpt.config.pseudo.scales)
-    predictor = NativeMultiScalePredictor(net, torch_device, scales=scales, flip=True)
+    flip = ckpt.config.pseudo.flip
+    passes = len(scales) * (2 if flip else 1)
+    predictor = NativeMultiScalePredictor(net, torch_device, scales=scales, flip=flip)
     palette = np.asarray(ckpt.palette, dtype=np.uint8)
     scores = PartialLabelScore(len(ckpt.class_names))
     written = skipped = 0
@@ -202,8 +204,8 @@ def write_pseudo_dataset(
             skipped += 1
         else:
             image = np.asarray(read_rgb(entry.source), dtype=np.uint8)
-            logits = predictor(image)  # (K, H, W), summed over len(scales) x 2 passes
-            mask = pseudo_mask(logits, entry.label, 2 * len(scales), min_confidence)
+            logits = predictor(image)  # (K, H, W), summed over `passes` passes
+            mask = pseudo_mask(logits, entry.label, passes, min_confidence)
             write_bytes_atomic(target, encode_palette_png(mask, palette))
             written += 1
         if entry.truth is not None:

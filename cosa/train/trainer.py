@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from cosa import __version__
 from cosa.allocator import keep_freed_memory
 from cosa.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cosa.config import CosaConfig, dump_yaml
+from cosa.config import CosaConfig, dump_yaml, validate
 from cosa.data import DatasetIndex, EvalDataset, TrainDataset, open_dataset, write_synthetic_dataset
 from cosa.data.check import check_dataset, list_splits
 from cosa.data.problems import raise_on_errors
@@ -149,7 +149,7 @@ class Trainer:
             )
         if max_iters is not None:
             cfg = replace(cfg, train=replace(cfg.train, max_iters=max_iters))
-        self.cfg = cfg
+        self.cfg = validate(cfg)  # before any data is read
         # The data is checked before anything is written: a refused run leaves no run folder.
         self.train_index, self.val_index, self.test_index = self._open_data(
             resumed.class_names if resumed is not None else None
@@ -188,10 +188,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_iters)
         self.amp_dtype = _autocast_dtype(cfg.train.amp, ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        if cfg.train.supervision not in ("weak", "full"):
-            raise ConfigError(
-                f"train.supervision must be weak or full, got {cfg.train.supervision!r}"
-            )
         self.objective = CosaObjective(cfg)
         per_side = max(1, cfg.data.crop_size // cfg.thresholds.stride)
         self.thresholds = {
@@ -588,7 +584,13 @@ class Trainer:
         limit = cfg.train.eval_max_images if max_images is None else max_images
         low, high = self._current_thresholds()
         quality = CamQuality(
-            self.teacher, self.ctx.device, len(self.class_names), cfg.pseudo.scales, low, high
+            self.teacher,
+            self.ctx.device,
+            len(self.class_names),
+            cfg.pseudo.scales,
+            low,
+            high,
+            flip=cfg.pseudo.flip,
         )
         return evaluate(
             DeployPredictor(self.teacher, self.ctx.device),
@@ -616,7 +618,7 @@ class Trainer:
             x = normalised_image(image, device)
             label = torch.from_numpy(item["label"]).to(device)[None].float()
             teacher = teacher_forward(
-                self.teacher, x, label, scales=self.cfg.pseudo.scales, flip=True
+                self.teacher, x, label, scales=self.cfg.pseudo.scales, flip=self.cfg.pseudo.flip
             )
             box = torch.tensor([[0, height, 0, width]], device=device)
             cpl = cam_pseudo_label(teacher.cam, box, low, high)[0].cpu().numpy()
