@@ -4,8 +4,9 @@ Training, evaluation, calibration, `cosa segment` and `cosa stream` all read ima
 `load_image`, so one file gives one array whatever path it takes.
 
 Policy (what is done to each kind of image, so that nothing is changed silently):
-- EXIF orientation is applied (`PIL.ImageOps.exif_transpose`): the array, and so the mask, has
-  the size the image is displayed at.
+- EXIF orientation is applied (`PIL.ImageOps.exif_transpose`): the array has the size and
+  orientation the image is displayed at. `orient_mask` turns a mask the same way, so a dataset's
+  image and mask turn together (`cosa.data.image_io.read_image_and_mask`).
 - Grayscale ("L"), 1-bit ("1"), palette ("P"), CMYK, YCbCr: converted to RGB by Pillow. CMYK uses
   Pillow's plain conversion (embedded ICC profiles are not applied).
 - Alpha (RGBA, LA, PA, palette with transparency): composited onto black, i.e. each colour is
@@ -43,6 +44,8 @@ __all__ = [
     "encode_palette_png",
     "is_image_name",
     "load_image",
+    "load_image_and_orientation",
+    "orient_mask",
     "palette_image",
     "pil_to_rgb",
     "voc_palette",
@@ -74,7 +77,56 @@ class ImageReadError(InputError):
         self.reason = reason
 
 
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag whose value (1-8) says how the stored pixels are turned for display."""
+
+# What `ImageOps.exif_transpose` does to the stored pixels for each orientation value (1: nothing),
+# and the transposition that undoes it (5 and 7 are their own inverse, 6 and 8 each other's).
+_TURN = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_UNDO = {
+    **_TURN,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+"""Orientations that swap width and height."""
+
+
+def orient_mask(mask: np.ndarray, orientation: int, undo: bool = False) -> np.ndarray:
+    """Turn a (H, W) label array as `load_image` turns the image of that EXIF `orientation`.
+
+    Args:
+        mask: uint8 (H, W) ids in the image file's stored pixel grid (or, with `undo`, as
+            displayed).
+        orientation: the EXIF orientation value of the image (1-8; anything else is 1).
+        undo: apply the inverse, from the displayed grid back to the stored one.
+
+    Returns:
+        uint8 (H', W') ids, C-contiguous; values are moved, never interpolated.
+    """
+    method = (_UNDO if undo else _TURN).get(orientation)
+    if method is None:
+        return mask
+    return np.ascontiguousarray(np.asarray(Image.fromarray(mask).transpose(method)))
+
+
 def load_image(path: Path | str) -> np.ndarray:
+    """Decode an image file to RGB at its displayed size (see the module docstring for the policy).
+
+    Same as `load_image_and_orientation(path)[0]`.
+    """
+    return load_image_and_orientation(path)[0]
+
+
+def load_image_and_orientation(path: Path | str) -> tuple[np.ndarray, int]:
     """Decode an image file to RGB at its displayed size (see the module docstring for the policy).
 
     Args:
@@ -82,7 +134,7 @@ def load_image(path: Path | str) -> np.ndarray:
 
     Returns:
         uint8 array (H, W, 3), RGB, 0-255, C-contiguous; H, W as displayed (EXIF orientation
-        applied).
+        applied); and the file's EXIF orientation value (1 when it has none), for `orient_mask`.
 
     Raises:
         ImageReadError: (an `InputError`) missing file, dangling symlink, folder, permission denied,
@@ -96,7 +148,9 @@ def load_image(path: Path | str) -> np.ndarray:
             decoded = Image.open(fh, formats=PIL_FORMATS)
             _check_pixels(path, decoded.size)
             decoded.load()
-            return pil_to_rgb(ImageOps.exif_transpose(decoded), path)
+            orientation = decoded.getexif().get(EXIF_ORIENTATION, 1)
+            orientation = orientation if orientation in _TURN else 1
+            return pil_to_rgb(ImageOps.exif_transpose(decoded), path), orientation
     except ImageReadError:
         raise
     except PermissionError as exc:

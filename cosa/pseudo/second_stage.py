@@ -45,7 +45,7 @@ from cosa.checkpoint import Checkpoint, build_teacher_from_checkpoint, load_chec
 from cosa.data import DatasetIndex
 from cosa.data.check import list_splits
 from cosa.data.classes import IGNORE_INDEX
-from cosa.data.image_io import read_mask, read_rgb
+from cosa.data.image_io import mask_as_displayed, read_mask, read_rgb_and_orientation
 from cosa.data.tagged import (
     IMAGES_DIR,
     MASKS_DIR,
@@ -58,7 +58,7 @@ from cosa.evaluation.metrics import PartialLabelScore
 from cosa.evaluation.predictors import NativeMultiScalePredictor
 from cosa.evaluation.run import open_checkpoint_data
 from cosa.files import atomic_path, write_bytes_atomic
-from cosa.images import encode_palette_png
+from cosa.images import encode_palette_png, orient_mask
 from cosa.train.distributed import resolve_device
 
 DEFAULT_MIN_CONFIDENCE = 0.5
@@ -199,21 +199,28 @@ def write_pseudo_dataset(
             if entry.truth is not None:
                 _place_image(entry.truth, target, copy)
             continue
+        if target.is_file() and entry.truth is None:
+            skipped += 1
+            continue
+        # Masks are written in the image file's stored orientation, as datasets read them back
+        # (`cosa.data.image_io`): the hard-linked image keeps its EXIF tag.
+        image, orientation = read_rgb_and_orientation(entry.source)  # as displayed
         if target.is_file():
-            mask = read_mask(target)
+            mask = orient_mask(read_mask(target), orientation)
             skipped += 1
         else:
-            image = np.asarray(read_rgb(entry.source), dtype=np.uint8)
             logits = predictor(image)  # (K, H, W), summed over `passes` passes
             mask = pseudo_mask(logits, entry.label, passes, min_confidence)
-            write_bytes_atomic(target, encode_palette_png(mask, palette))
+            stored = orient_mask(mask, orientation, undo=True)
+            write_bytes_atomic(target, encode_palette_png(stored, palette))
             written += 1
         if entry.truth is not None:
-            truth = read_mask(entry.truth)
-            if truth.shape != mask.shape:
+            truth = mask_as_displayed(read_mask(entry.truth), orientation, image.shape[:2])
+            if truth is None or mask.shape != image.shape[:2]:
                 raise DataError(
-                    f"mask {entry.truth} is {truth.shape[1]}x{truth.shape[0]} but its image is "
-                    f"{mask.shape[1]}x{mask.shape[0]}; run `cosa data check {data}`"
+                    f"mask {entry.truth} does not fit its image {entry.source} "
+                    f"({image.shape[1]}x{image.shape[0]} as displayed); run "
+                    f"`cosa data check {data}`"
                 )
             scores.update(mask, truth)
     write_labels(out, [e.row for e in entries], ckpt.class_names)
