@@ -341,6 +341,8 @@ def eval_(
             max_images=max_images,
             device=device.value,
         )
+    for warning in result.extra.get("warnings", []):
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     if json_:
         print_json(result.to_json())
         return

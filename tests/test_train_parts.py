@@ -1,6 +1,7 @@
 """LR schedule and the resumable sampler."""
 
 import pytest
+import torch
 
 from cosa.train.sampler import ResumableSampler
 from cosa.train.schedule import lr_multiplier
@@ -33,3 +34,17 @@ def test_sampler_resumes_exactly_and_shards_ranks() -> None:
 def test_sampler_rejects_tiny_dataset() -> None:
     with pytest.raises(ValueError, match="smaller than one global batch"):
         ResumableSampler(3, 2, 0, 2, seed=0)
+
+
+def test_supervised_loss_on_a_crop_whose_pixels_are_all_ignored_is_finite() -> None:
+    from cosa.train.supervised import pixel_cross_entropy
+
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    ignored = torch.full((2, 4, 4), 255)
+    loss = pixel_cross_entropy(logits, ignored)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.all(logits.grad == 0)
+    target = ignored.clone()
+    target[0, 0, 0] = 2  # one labelled pixel: its own CE, as F.cross_entropy gives
+    expected = torch.nn.functional.cross_entropy(logits[:1, :, 0, 0], torch.tensor([2]))
+    torch.testing.assert_close(pixel_cross_entropy(logits, target), expected)

@@ -73,7 +73,28 @@ def evaluate_checkpoint(
         predictor, index, protocol=protocol, max_images=max_images, cam_quality=quality
     )
     result.extra["checkpoint"] = {"iteration": ckpt.iteration, **ckpt.metrics}
+    warning = selection_warning(ckpt, data, split)
+    result.extra["warnings"] = [warning] if warning else []
     return result
+
+
+def selection_warning(ckpt: Checkpoint, data: Path, split: str) -> str | None:
+    """A warning when `split` of `data` is the split whose score chose `ckpt` as its run's best.
+
+    Such a score is optimistic (METHOD.md 7, caveat 2): the checkpoint won a comparison on those
+    very images. A run on the embedded synthetic set (no `data.root`) matches any `data`.
+    """
+    metrics = ckpt.metrics
+    if metrics.get("best_iteration") != ckpt.iteration or metrics.get("selection_split") != split:
+        return None
+    root = ckpt.config.data.root
+    if root is not None and Path(root).resolve() != Path(data).resolve():
+        return None
+    return (
+        f"split {split!r} chose this checkpoint (the best {metrics.get('selection_metric')} "
+        f"of its run at iteration {ckpt.iteration}), so its score there is optimistic; report a "
+        "split that did not select it (e.g. --split test)"
+    )
 
 
 def open_checkpoint_data(ckpt: Checkpoint, data: Path, split: str) -> DatasetIndex:

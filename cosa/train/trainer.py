@@ -56,6 +56,7 @@ from cosa.train.runlog import DeferredScalars, MetricsLog, read_metrics
 from cosa.train.sampler import ResumableSampler
 from cosa.train.schedule import build_optimizer, build_scheduler
 from cosa.train.selection import Selection, resolve_select_metric
+from cosa.train.supervised import supervised_objective
 from cosa.train.visualize import cam_picture, save_curves, save_grid
 
 log = logging.getLogger(__name__)
@@ -695,34 +696,6 @@ class Trainer:
                 "ddp_max_param_divergence": sync,
             },
         )
-
-
-def supervised_objective(student: Any, batch: dict[str, torch.Tensor], cfg: CosaConfig) -> Any:
-    """The fully supervised upper bound: cls + cls_aux + pixel cross-entropy on ground-truth masks.
-
-    Same network, same views, same schedule as CoSA; only the seg stream's target changes.
-    """
-    from cosa.losses import ObjectiveResult, classification_loss
-
-    size = batch["mask"].shape[-2:]
-    seg = F.interpolate(student.seg.float(), size=size, mode="bilinear", align_corners=False)
-    terms = {
-        "cls": classification_loss(student.cls_logits.float(), batch["label"]),
-        "cls_aux": classification_loss(student.aux_cls_logits.float(), batch["label"]),
-        "seg": F.cross_entropy(seg, batch["mask"], ignore_index=255),
-    }
-    weighted = {
-        "cls": cfg.loss.cls_weight * terms["cls"],
-        "cls_aux": cfg.loss.cls_aux_weight * terms["cls_aux"],
-        "seg": terms["seg"],
-    }
-    total = sum(weighted.values())
-    return ObjectiveResult(
-        total=total,
-        terms={k: v.detach() for k, v in terms.items()},
-        weighted={k: v.detach() for k, v in weighted.items()},
-        maps=None,
-    )
 
 
 def train(
