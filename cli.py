@@ -256,7 +256,7 @@ def train(
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
-    summary = result if isinstance(result, dict) else result.to_json()
+    summary = result.to_json()
     if json_:
         print_json(summary)
         return
@@ -488,7 +488,7 @@ def demo(
         resume=resume,
         max_iters=max_iters,
     )
-    summary = result if isinstance(result, dict) else result.to_json()
+    summary = result.to_json()
     checkpoint = Path(summary["best_checkpoint"] or summary["last_checkpoint"])
     exported = export_artifacts(checkpoint, out / "export", ExportOptions())
     test_list = run / "data" / "ImageSets" / "Segmentation" / "test.txt"

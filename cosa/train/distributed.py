@@ -95,3 +95,27 @@ def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_rows(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Every rank's `tensor` (same shape on each) concatenated along dim 0 in rank order.
+
+    (B, ...) -> (world_size * B, ...); the tensor itself without a process group.
+    """
+    if not ctx.distributed:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The mean of `tensor` over ranks (a new tensor; gloo has no AVG, so SUM / world size).
+
+    A NaN on any rank makes the mean NaN on every rank, so all of them see it at the same step.
+    """
+    if not ctx.distributed:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / ctx.world_size

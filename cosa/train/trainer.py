@@ -14,13 +14,12 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -37,9 +36,6 @@ from cosa.evaluation.predictors import DeployPredictor, normalised_image
 from cosa.losses import CosaObjective
 from cosa.model import CosaNet, build_model, ema_update, make_teacher
 from cosa.pseudo import (
-    DynamicThresholds,
-    TeacherOutput,
-    box_mask,
     cam_pseudo_label,
     seg_pseudo_label,
     teacher_forward,
@@ -48,6 +44,7 @@ from cosa.train.distributed import (
     DistContext,
     barrier,
     broadcast_from_main,
+    mean_over_ranks,
     setup_distributed,
     teardown_distributed,
 )
@@ -57,6 +54,7 @@ from cosa.train.sampler import ResumableSampler
 from cosa.train.schedule import build_optimizer, build_scheduler
 from cosa.train.selection import Selection, resolve_select_metric
 from cosa.train.supervised import supervised_objective
+from cosa.train.threshold_pair import ThresholdPair
 from cosa.train.visualize import cam_picture, save_curves, save_grid
 
 log = logging.getLogger(__name__)
@@ -84,6 +82,17 @@ class TrainResult:
     test: dict[str, Any] | None
     seconds_per_iter: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        """The inverse of `to_json` (how a spawned run's rank 0 hands its result back)."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        paths = {"out", "last_checkpoint", "best_checkpoint"}
+        values = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items()}
+        return cls(
+            **{k: v for k, v in values.items() if k in known},
+            extra={k: v for k, v in values.items() if k not in known},
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -190,31 +199,7 @@ class Trainer:
         self.amp_dtype = _autocast_dtype(cfg.train.amp, ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.objective = CosaObjective(cfg)
-        per_side = max(1, cfg.data.crop_size // cfg.thresholds.stride)
-        self.thresholds = {
-            "main": DynamicThresholds(
-                cfg.pseudo.low_threshold,
-                cfg.pseudo.high_threshold,
-                cfg.thresholds.queue_images,
-                per_side * per_side,
-                cfg.thresholds.min_value,
-                cfg.thresholds.ema,
-                cfg.thresholds.em_iters,
-                device=ctx.device,
-                seed=cfg.train.seed,
-            ),
-            "aux": DynamicThresholds(
-                cfg.pseudo.aux_low_threshold,
-                cfg.pseudo.aux_high_threshold,
-                cfg.thresholds.queue_images,
-                per_side * per_side,
-                cfg.thresholds.min_value,
-                cfg.thresholds.ema,
-                cfg.thresholds.em_iters,
-                device=ctx.device,
-                seed=cfg.train.seed + 1,
-            ),
-        }
+        self.thresholds = ThresholdPair(cfg, ctx)
         self.iteration = 0
         if resumed is not None:
             self._restore(resumed)
@@ -372,8 +357,7 @@ class Trainer:
         if ckpt.scaler is not None:
             self.scaler.load_state_dict(ckpt.scaler)
         if ckpt.thresholds is not None:
-            for name, state in ckpt.thresholds.items():
-                self.thresholds[name].load_state_dict(state)
+            self.thresholds.load_state_dict(ckpt.thresholds)
         if ckpt.rng is not None:
             restore_rng_state(ckpt.rng)
         self.iteration = ckpt.iteration
@@ -459,7 +443,7 @@ class Trainer:
         needs_teacher = not full and self.objective.warmup_factor(step) > 0.0
         with autocast:
             teacher = None
-            thresholds = self._fixed_thresholds()
+            thresholds = self.thresholds.current()
             if (
                 needs_teacher
             ):  # no teacher pass during the warm-up: only cls + cls_aux are optimised
@@ -471,7 +455,7 @@ class Trainer:
                     flip=cfg.pseudo.flip,
                     aux_last_scale_only=cfg.pseudo.aux_last_scale_only,
                 )
-                thresholds = self._thresholds(teacher, batch["img_box"])
+                thresholds = self.thresholds.update(teacher, batch["img_box"])
             student = self.model(batch["strong"])
             if full:
                 result = supervised_objective(student, batch, cfg)
@@ -484,9 +468,12 @@ class Trainer:
         self.scheduler.step()
         ema_update(self.teacher, self.student, cfg.optim.ema_momentum)
 
-        # Device tensors stay tensors: `DeferredScalars` reads them back a step later.
-        record: dict[str, Any] = {"loss/total": result.total.detach()}
-        record.update({f"loss/{k}": v.detach() for k, v in result.terms.items()})
+        # Device tensors stay tensors: `DeferredScalars` reads them back a step later. Losses are
+        # the mean over ranks, so a NaN on any rank reaches every rank's log at the same step.
+        names = ["total", *result.terms]
+        losses = torch.stack([result.total.detach(), *(v.detach() for v in result.terms.values())])
+        losses = mean_over_ranks(losses.float(), self.ctx)
+        record: dict[str, Any] = {f"loss/{k}": v for k, v in zip(names, losses, strict=True)}
         record.update({f"lr/group{i}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
         record.update(
             tau_low=thresholds["low"],
@@ -513,35 +500,6 @@ class Trainer:
                 tau_l=f"{record['tau_low']:.2f}",
                 tau_h=f"{record['tau_high']:.2f}",
             )
-
-    def _fixed_thresholds(self) -> dict[str, Any]:
-        """The thresholds in force: the dynamic ones' current values, or the configured ones."""
-        if self.cfg.thresholds.enabled:
-            main, aux = self.thresholds["main"], self.thresholds["aux"]
-            return {"low": main.low, "high": main.high, "aux_low": aux.low, "aux_high": aux.high}
-        p = self.cfg.pseudo
-        return {
-            "low": p.low_threshold,
-            "high": p.high_threshold,
-            "aux_low": p.aux_low_threshold,
-            "aux_high": p.aux_high_threshold,
-        }
-
-    def _thresholds(self, teacher: TeacherOutput, img_box: torch.Tensor) -> dict[str, Any]:
-        """Push this batch's teacher max-CAM through the dynamic search (METHOD.md 5.2)."""
-        if not self.cfg.thresholds.enabled:
-            return self._fixed_thresholds()
-        stride = self.cfg.thresholds.stride
-        height, width = teacher.cam.shape[-2:]
-        inside = box_mask(img_box, height, width).float()[:, None]  # (B, 1, H, W)
-        valid = F.avg_pool2d(inside, stride)[:, 0] > 0.5  # (B, h, w): cells mostly inside the image
-        low, high = self.thresholds["main"].update(
-            F.avg_pool2d(teacher.cam.float().amax(dim=1, keepdim=True), stride)[:, 0], valid
-        )
-        aux_low, aux_high = self.thresholds["aux"].update(
-            F.avg_pool2d(teacher.aux_cam.float().amax(dim=1, keepdim=True), stride)[:, 0], valid
-        )
-        return {"low": low, "high": high, "aux_low": aux_low, "aux_high": aux_high}
 
     # ------------------------------------------------------------------------- evaluation, saving
 
@@ -583,7 +541,7 @@ class Trainer:
     def evaluate_teacher(self, index: DatasetIndex, max_images: int | None = None) -> EvalResult:
         cfg = self.cfg
         limit = cfg.train.eval_max_images if max_images is None else max_images
-        low, high = self._current_thresholds()
+        low, high = self.thresholds.main_pair()
         quality = CamQuality(
             self.teacher,
             self.ctx.device,
@@ -601,17 +559,13 @@ class Trainer:
             cam_quality=quality,
         )
 
-    def _current_thresholds(self) -> tuple[float, float]:
-        current = self._fixed_thresholds()
-        return float(current["low"]), float(current["high"])
-
     @torch.no_grad()
     def _save_grid(self) -> None:
         if not self.vis_rows:
             return
         device = self.ctx.device
         predictor = DeployPredictor(self.teacher, device)
-        low, high = self._current_thresholds()
+        low, high = self.thresholds.main_pair()
         rows = []
         for item in self.vis_rows:
             image, mask = item["image"], item["mask"]  # mask: None without ground truth
@@ -650,7 +604,7 @@ class Trainer:
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
             rng=rng_state(),
-            thresholds={name: t.state_dict() for name, t in self.thresholds.items()},
+            thresholds=self.thresholds.state_dict(),
             metrics=self.selection.to_dict(),
             package_version=__version__,
         )
