@@ -213,6 +213,8 @@ def _coco() -> CosaConfig:
         pseudo=replace(base.pseudo, high_threshold=0.65, low_threshold=0.25),
         loss=replace(base.loss, warmup_iters=10000),
         train=replace(base.train, max_iters=60000, batch_size=8, eval_every=6000),
+        # The reference's queue holds batch_size x 50 images: 200 on VOC, 400 here.
+        thresholds=replace(base.thresholds, queue_images=400),
     )
 
 

@@ -158,6 +158,36 @@ def test_ddp_kill_and_resume_is_exact_with_shared_thresholds(
             assert torch.equal(final.thresholds[name][key], again.thresholds[name][key]), key
 
 
+def test_warm_up_as_the_reference(tiny_data: Path, tmp_path: Path) -> None:
+    """During the warm-up the decoder gets zero gradients (AdamW decays it and counts its steps)
+    and the dynamic thresholds already follow the teacher's CAMs."""
+    from cosa.config import preset
+    from cosa.train.threshold_pair import ThresholdPair
+
+    settings = {"loss.warmup_iters": 10, "train.max_iters": 3, "thresholds.queue_images": 16}
+    cfg = _cfg(tiny_data, **settings, **{"train.vis_images": 0})
+    launch(cfg, tmp_path / "run", device="cpu", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt.optimizer is not None and ckpt.thresholds is not None
+    groups = {g["name"]: g["params"] for g in ckpt.optimizer["param_groups"]}
+    for index in groups["decoder"]:
+        state = ckpt.optimizer["state"][index]
+        assert float(state["step"]) == 3 and float(state["exp_avg"].abs().max()) == 0.0
+    initial = ThresholdPair(cfg, _cpu_context()).state_dict()
+    main = ckpt.thresholds["main"]
+    assert float(main["low"]) != pytest.approx(float(initial["main"]["low"]), abs=1e-7)
+    pushed = cfg.train.batch_size * 3  # rows of real max-CAM values in the 16-row queue
+    assert not torch.equal(main["queue"][:pushed], initial["main"]["queue"][:pushed])
+    assert torch.equal(main["queue"][pushed:], initial["main"]["queue"][pushed:])
+    assert preset("coco").thresholds.queue_images == 400  # the reference's batch x 50
+
+
+def _cpu_context():
+    from cosa.train.distributed import DistContext
+
+    return DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
 NAN_ON_RANK_1 = """
 import os, pickle, sys
 from pathlib import Path

@@ -195,6 +195,7 @@ class Trainer:
             ),
             cfg.optim,
         )
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_iters)
         self.amp_dtype = _autocast_dtype(cfg.train.amp, ctx.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -440,13 +441,16 @@ class Trainer:
         )
         step = self.iteration - 1  # 0-based, as the objective's warm-up rule counts
         full = cfg.train.supervision == "full"
-        needs_teacher = not full and self.objective.warmup_factor(step) > 0.0
+        # As in the reference, dynamic thresholds follow the teacher's CAMs from the first step,
+        # so at the end of the warm-up they come from real CAMs, not from the queue's initial
+        # noise. Fixed thresholds need no teacher until the swapped terms start.
+        needs_teacher = not full and (
+            cfg.thresholds.enabled or self.objective.warmup_factor(step) > 0.0
+        )
         with autocast:
             teacher = None
             thresholds = self.thresholds.current()
-            if (
-                needs_teacher
-            ):  # no teacher pass during the warm-up: only cls + cls_aux are optimised
+            if needs_teacher:
                 teacher = teacher_forward(
                     self.teacher,
                     batch["weak"],
@@ -463,6 +467,12 @@ class Trainer:
                 result = self.objective(student, teacher, batch, thresholds, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(result.total).backward()
+        # The reference computes every term from the first step with weight 0, so parameters
+        # outside the warm-up's graph (the decoder) get zero gradients: AdamW still decays them
+        # and counts their steps, and its bias correction is not restarted at the switch.
+        for parameter in self.trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
