@@ -262,11 +262,12 @@ def test_pseudo_flip_off_is_honoured_by_every_teacher_pass(
 ) -> None:
     """Training steps, pictures, CAM quality in training and `cosa eval` all read pseudo.flip."""
     import cosa.evaluation.evaluate
-    import cosa.train.trainer
+    import cosa.train.pictures
+    import cosa.train.step
     from cosa.evaluation.run import evaluate_checkpoint
 
     flips: list[bool] = []
-    for module in (cosa.evaluation.evaluate, cosa.train.trainer):
+    for module in (cosa.evaluation.evaluate, cosa.train.pictures, cosa.train.step):
         real = module.teacher_forward
 
         def spy(*args: object, _real=real, **kwargs: object):  # type: ignore[no-untyped-def]
@@ -286,17 +287,17 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(
 ) -> None:
     """The step log is read back one step late; it still catches a NaN loss before the
     checkpoint of that step is written, and names the step."""
-    from cosa.train.trainer import Trainer
+    import cosa.train.trainer
 
-    step = Trainer._step
+    step = cosa.train.trainer.train_step
 
-    def nan_at_three(self: Trainer, batch: dict) -> dict:
-        record = step(self, batch)
-        if self.iteration == 3:
+    def nan_at_three(state, *args: object) -> dict:  # type: ignore[no-untyped-def]
+        record = step(state, *args)
+        if state.iteration == 3:
             record["loss/total"] = record["loss/total"] * float("nan")
         return record
 
-    monkeypatch.setattr(Trainer, "_step", nan_at_three)
+    monkeypatch.setattr(cosa.train.trainer, "train_step", nan_at_three)
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match="loss became nan at iteration 3"):
         launch(_cfg(tiny_data, **{"train.eval_every": 100}), out, device="cpu", progress=False)

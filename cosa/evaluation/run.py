@@ -8,6 +8,7 @@ from pathlib import Path
 from cosa.checkpoint import Checkpoint, build_teacher_from_checkpoint, load_checkpoint
 from cosa.choices import DEFAULT_EVAL_SCALES, EvalProtocol, parse_choice
 from cosa.data import DatasetIndex, open_dataset
+from cosa.device import resolve_device
 from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
 from cosa.evaluation.predictors import (
     DeployPredictor,
@@ -15,7 +16,6 @@ from cosa.evaluation.predictors import (
     PaperProtocolPredictor,
     Predictor,
 )
-from cosa.train.distributed import resolve_device
 
 
 def evaluate_checkpoint(

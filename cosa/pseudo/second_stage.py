@@ -53,13 +53,13 @@ from cosa.data.tagged import (
     mask_name,
     write_labels,
 )
+from cosa.device import resolve_device
 from cosa.errors import ConfigError, DataError
 from cosa.evaluation.metrics import PartialLabelScore
 from cosa.evaluation.predictors import NativeMultiScalePredictor
 from cosa.evaluation.run import open_checkpoint_data
 from cosa.files import atomic_path, write_bytes_atomic
 from cosa.images import encode_palette_png, orient_mask
-from cosa.train.distributed import resolve_device
 
 DEFAULT_MIN_CONFIDENCE = 0.5
 

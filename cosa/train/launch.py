@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 
 from cosa.config import CosaConfig
 from cosa.train.distributed import free_port
-from cosa.train.trainer import TrainResult, train
+from cosa.train.result import TrainResult
+from cosa.train.trainer import train
 
 RESULT_FILE = "train_result.json"
 
