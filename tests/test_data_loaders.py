@@ -70,8 +70,12 @@ def test_views_are_a_function_of_seed_epoch_and_index(voc: Path) -> None:
 
 @pytest.mark.parametrize(
     ("crop", "scales", "seed", "word"),
-    [(8, (0.5, 2.0), 0, "crop_size"), (32, (2.0, 0.5), 0, "scale"), (32, (0.0, 1.0), 0, "scale"),
-     (32, (0.5, 2.0), -1, "seed")],
+    [
+        (8, (0.5, 2.0), 0, "crop_size"),
+        (32, (2.0, 0.5), 0, "scale"),
+        (32, (0.0, 1.0), 0, "scale"),
+        (32, (0.5, 2.0), -1, "seed"),
+    ],
 )
 def test_train_dataset_rejects_bad_settings(voc: Path, crop, scales, seed, word) -> None:
     with pytest.raises(ConfigError, match=word):
@@ -106,7 +110,8 @@ def test_images_are_rgb_and_upright(voc: Path) -> None:
 
 def test_eval_rejects_a_mask_of_another_size(voc: Path) -> None:
     palette_image(np.zeros((5, 5), np.uint8), voc_palette()).save(
-        voc / "SegmentationClass" / "2007_000001.png")
+        voc / "SegmentationClass" / "2007_000001.png"
+    )
     with pytest.raises(DataError, match=r"2007_000001\.png is 5x5 but image .* is 40x30"):
         EvalDataset(open_dataset(voc, "train"))[0]
 
