@@ -165,7 +165,7 @@ def test_warm_up_as_the_reference(tiny_data: Path, tmp_path: Path) -> None:
     from cosa.train.threshold_pair import ThresholdPair
 
     settings = {"loss.warmup_iters": 10, "train.max_iters": 3, "thresholds.queue_images": 16}
-    cfg = _cfg(tiny_data, **settings, **{"train.vis_images": 0})
+    cfg = _cfg(tiny_data, **settings, **{"train.vis_images": 0, "loss.reference_warmup": True})
     launch(cfg, tmp_path / "run", device="cpu", progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt.optimizer is not None and ckpt.thresholds is not None
@@ -180,6 +180,23 @@ def test_warm_up_as_the_reference(tiny_data: Path, tmp_path: Path) -> None:
     assert not torch.equal(main["queue"][:pushed], initial["main"]["queue"][:pushed])
     assert torch.equal(main["queue"][pushed:], initial["main"]["queue"][pushed:])
     assert preset("coco").thresholds.queue_images == 400  # the reference's batch x 50
+    assert preset("voc").loss.reference_warmup and not preset("demo").loss.reference_warmup
+
+
+def test_warm_up_without_the_reference_s_extras(tiny_data: Path, tmp_path: Path) -> None:
+    """`loss.reference_warmup=false` (the demo's): no decoder step and no threshold update before
+    the switch."""
+    from cosa.train.threshold_pair import ThresholdPair
+
+    settings = {"loss.warmup_iters": 10, "train.max_iters": 3, "thresholds.queue_images": 16}
+    cfg = _cfg(tiny_data, **settings, **{"train.vis_images": 0, "loss.reference_warmup": False})
+    launch(cfg, tmp_path / "run", device="cpu", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt.optimizer is not None and ckpt.thresholds is not None
+    groups = {g["name"]: g["params"] for g in ckpt.optimizer["param_groups"]}
+    assert all(index not in ckpt.optimizer["state"] for index in groups["decoder"])
+    initial = ThresholdPair(cfg, _cpu_context()).state_dict()
+    assert torch.equal(ckpt.thresholds["main"]["queue"], initial["main"]["queue"])
 
 
 def _cpu_context():

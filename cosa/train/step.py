@@ -69,10 +69,12 @@ def train_step(
     )
     step = state.iteration - 1  # 0-based, as the objective's warm-up rule counts
     full = cfg.train.supervision == "full"
-    # As in the reference, dynamic thresholds follow the teacher's CAMs from the first step,
-    # so at the end of the warm-up they come from real CAMs, not from the queue's initial
-    # noise. Fixed thresholds need no teacher until the swapped terms start.
-    needs_teacher = not full and (cfg.thresholds.enabled or objective.warmup_factor(step) > 0.0)
+    # As in the reference (`loss.reference_warmup`), dynamic thresholds follow the teacher's CAMs
+    # from the first step, so at the end of the warm-up they come from real CAMs, not from the
+    # queue's initial noise. Fixed thresholds need no teacher until the swapped terms start.
+    reference_warmup = cfg.loss.reference_warmup
+    thresholds_from_start = reference_warmup and cfg.thresholds.enabled
+    needs_teacher = not full and (thresholds_from_start or objective.warmup_factor(step) > 0.0)
     with autocast:
         teacher = None
         thresholds = state.thresholds.current()
@@ -96,9 +98,10 @@ def train_step(
     # The reference computes every term from the first step with weight 0, so parameters
     # outside the warm-up's graph (the decoder) get zero gradients: AdamW still decays them
     # and counts their steps, and its bias correction is not restarted at the switch.
-    for parameter in state.trainable:
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
+    if reference_warmup:
+        for parameter in state.trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
