@@ -49,7 +49,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes | bytearray | memoryview) -> None:
     """Write already-encoded `data` to `path` atomically, with one file creation.
 
     The same guarantees as `atomic_path`, for content encoded in memory: the temporary file is
