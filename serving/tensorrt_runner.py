@@ -15,7 +15,7 @@ import numpy as np
 from cosa.errors import InputError
 from cosa.export.spec import LOGITS_NAME, MASK_NAME, ModelSpec
 from cosa.export.tensorrt_engine import Engine
-from cosa.serving.runners import LocalRunner, check_images, resolve_artifact
+from cosa.serving.runner import LocalRunner, check_images
 
 __all__ = ["TensorRTRunner", "check_profile"]
 
@@ -29,21 +29,29 @@ class TensorRTRunner(LocalRunner):
     Works with TensorRT 10 and 11. Inputs must lie inside the engine's optimization profile 0.
     """
 
-    def __init__(self, model: Path, *, device_index: int = 0, return_logits: bool = False) -> None:
+    def __init__(
+        self,
+        plan: Path,
+        spec: ModelSpec,
+        *,
+        device_index: int = 0,
+        return_logits: bool = False,
+    ) -> None:
         """Deserialize the engine on GPU `device_index`.
 
         Args:
-            model: export folder whose spec names a `.plan`, or the `.plan` file itself.
+            plan: the `.plan` file (`runners.open_runner` finds it in an export folder).
+            spec: the export's spec.json (class names, palette, where the engine was built).
             device_index: CUDA device the engine is loaded on and runs on.
             return_logits: also return "logits".
 
         Raises:
             MissingDependencyError: TensorRT or a CUDA GPU is missing.
-            ConfigError, ExportError: see `resolve_artifact`; no GPU `device_index`.
+            ConfigError: no GPU `device_index`.
             EngineError: (a `ServingError`) the engine does not deserialize (other TensorRT
-                version or GPU) or its tensor names disagree with spec.json.
+                version or GPU) or lacks the deploy graph's tensors.
         """
-        self.path, self._spec = resolve_artifact(Path(model), ".plan")
+        self.path, self._spec = Path(plan), spec
         built = f"TensorRT {self._spec.tensorrt_version or '?'} on {self._spec.gpu_name or '?'}"
         self._engine = Engine(
             self.path,

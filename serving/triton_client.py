@@ -39,7 +39,8 @@ from cosa.export.spec import (
     deploy_inputs,
     deploy_outputs,
 )
-from cosa.serving.triton_repo import (
+from cosa.serving.triton_names import (
+    DEFAULT_MODEL_NAME,
     ENSEMBLE_INPUT_NAME,
     PNG_OUTPUT_NAME,
     ensemble_model_name,
@@ -165,7 +166,7 @@ class TritonSegmentationClient:
         self,
         url: str,
         protocol: Protocol = "grpc",
-        model_name: str = "cosa_seg",
+        model_name: str = DEFAULT_MODEL_NAME,
         spec: ModelSpec | None = None,
         timeout_s: float = 60.0,
         *,

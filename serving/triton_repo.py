@@ -55,6 +55,15 @@ from cosa.export.spec import (
     read_spec,
 )
 from cosa.serving.runners import fused_variant
+from cosa.serving.triton_names import (
+    DEFAULT_MODEL_NAME,
+    ENSEMBLE_INPUT_NAME,
+    PNG_OUTPUT_NAME,
+    ensemble_model_name,
+    postprocess_model_name,
+    preprocess_model_name,
+    triton_dtype,
+)
 from cosa.triton_models import read_template
 
 if TYPE_CHECKING:
@@ -63,15 +72,11 @@ if TYPE_CHECKING:
 from cosa.errors import ServingError
 
 __all__ = [
-    "ENSEMBLE_INPUT_NAME",
     "LAYOUT_FILENAME",
     "PLATFORMS",
-    "PNG_OUTPUT_NAME",
     "Platform",
     "RepositoryLayout",
-    "ensemble_model_name",
     "read_layout",
-    "triton_dtype",
     "write_repository",
 ]
 
@@ -81,21 +86,10 @@ Platform = Literal["onnxruntime", "tensorrt", "python"]
 InstanceKind = Literal["auto", "cpu", "gpu"]
 PLATFORMS: tuple[str, ...] = ("onnxruntime", "tensorrt", "python")
 
-ENSEMBLE_INPUT_NAME = "image_bytes"  # ensemble input: (N, 1) encoded JPEG/PNG/... bytes
-PNG_OUTPUT_NAME = "mask_png"  # ensemble output: (N, 1) palette PNG bytes
 LAYOUT_FILENAME = "cosa_repository.json"
 VERSION = "1"
 MAX_PNG_CLASSES = 256  # a palette PNG holds 256 colours
 
-# numpy dtype name (spec.json) -> Triton datatype (config.pbtxt uses "TYPE_" + this).
-_TRITON_DTYPES = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "uint8": "UINT8",
-    "bool": "BOOL",
-}
 _KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -148,26 +142,6 @@ class RepositoryLayout:
         return data
 
 
-def triton_dtype(numpy_dtype: str) -> str:
-    """Triton's datatype name ("FP32") for a numpy dtype name ("float32") from spec.json.
-
-    Raises:
-        ServingError: a dtype Triton configs cannot express.
-    """
-    try:
-        return _TRITON_DTYPES[numpy_dtype]
-    except KeyError:
-        raise ServingError(
-            f"dtype {numpy_dtype!r} in spec.json has no Triton equivalent "
-            f"(supported: {', '.join(_TRITON_DTYPES)}); re-export the model"
-        ) from None
-
-
-def ensemble_model_name(model_name: str) -> str:
-    """Name of the bytes-in ensemble that belongs to segmentation model `model_name`."""
-    return f"{model_name}_ensemble"
-
-
 def read_layout(repo: Path) -> RepositoryLayout:
     """Reads `repo/cosa_repository.json`.
 
@@ -200,7 +174,7 @@ def write_repository(
     instances: int = 1,
     preferred_batch: Sequence[int] = (),
     max_queue_delay_us: int = 100,
-    model_name: str = "cosa_seg",
+    model_name: str = DEFAULT_MODEL_NAME,
     *,
     instance_kind: InstanceKind | None = None,
     ensemble: bool = True,
@@ -267,8 +241,8 @@ def write_repository(
         root=out,
         platform=platform,
         segmentation=model_name,
-        preprocess=f"{model_name}_preprocess" if ensemble else None,
-        postprocess=f"{model_name}_postprocess" if ensemble else None,
+        preprocess=preprocess_model_name(model_name) if ensemble else None,
+        postprocess=postprocess_model_name(model_name) if ensemble else None,
         ensemble=ensemble_model_name(model_name) if ensemble else None,
         max_batch=max_batch,
     )

@@ -34,13 +34,8 @@ from cosa.export.spec import (
     write_spec,
 )
 from cosa.serving import triton_repo
-from cosa.serving.triton_repo import (
-    ENSEMBLE_INPUT_NAME,
-    LAYOUT_FILENAME,
-    PNG_OUTPUT_NAME,
-    read_layout,
-    write_repository,
-)
+from cosa.serving.triton_names import ENSEMBLE_INPUT_NAME, PNG_OUTPUT_NAME
+from cosa.serving.triton_repo import LAYOUT_FILENAME, read_layout, write_repository
 from cosa.triton_models import read_template
 
 PALETTE = ((0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0))
