@@ -152,6 +152,22 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     )
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any] | None) -> bool:
+    """Load a checkpoint's `GradScaler` state into `scaler` when there is one to load.
+
+    A disabled scaler (CPU, bf16 or fp32 runs) saves an empty dict, and an enabled scaler refuses
+    to load one ("The source state dict is empty"): a run resumed with FP16 autocast from such a
+    checkpoint starts with a fresh scale instead, which it recalibrates in a few steps.
+
+    Returns:
+        True when `state` was loaded.
+    """
+    if not state:
+        return False
+    scaler.load_state_dict(state)
+    return True
+
+
 def build_teacher_from_checkpoint(ckpt: Checkpoint) -> CosaNet:
     """The assignment network (EMA teacher) of `ckpt`, in eval mode.
 

@@ -38,7 +38,12 @@ class DistContext:
 
 
 def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> CUDA when available else CPU; `cuda` without a GPU is a ConfigError."""
+    """`auto` -> CUDA when available else CPU; on CUDA, process `local_rank` runs on that GPU.
+
+    Raises:
+        ConfigError: `cuda` without a GPU, or fewer GPUs visible than `local_rank + 1` (say, a
+            torchrun with more processes per node than GPUs).
+    """
     if choice not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
@@ -47,7 +52,29 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         )
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(
+            f"process {local_rank} of this node needs GPU {local_rank} but {count} GPU(s) are "
+            f"visible; start at most {count} process(es) per node, or use --device cpu"
+        )
     return torch.device("cuda", local_rank)
+
+
+def check_process_count(nproc: int, choice: str) -> None:
+    """Refuse `--nproc N` on CUDA with fewer than N GPUs visible (one process per GPU).
+
+    Raises:
+        ConfigError: naming N, the GPUs visible and the fix; also the errors of `resolve_device`.
+    """
+    if resolve_device(choice).type != "cuda":
+        return  # gloo on the CPU: any number of processes
+    count = torch.cuda.device_count()
+    if nproc > count:
+        raise ConfigError(
+            f"--nproc {nproc} runs one process per GPU but {count} GPU(s) are visible; pass "
+            f"--nproc {count} or fewer, or --device cpu"
+        )
 
 
 def setup_distributed(device_choice: str) -> DistContext:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from cosa.config import CosaConfig
-from cosa.train.distributed import free_port
+from cosa.train.distributed import check_process_count, free_port
 from cosa.train.trainer import TrainResult, train
 
 RESULT_FILE = "train_result.json"
@@ -52,9 +52,13 @@ def launch(
     """Train in this process (`nproc == 1`, or under torchrun) or spawn `nproc` DDP processes.
 
     Returns the `TrainResult` of a single-process run, or rank 0's result as a dict after a spawn.
+
+    Raises:
+        ConfigError: `nproc` processes on CUDA with fewer GPUs visible.
     """
     if nproc <= 1 or "WORLD_SIZE" in os.environ:
         return train(cfg, out, device=device, resume=resume, max_iters=max_iters, progress=progress)
+    check_process_count(nproc, device)  # in the children it would be "invalid device ordinal"
     mp.start_processes(
         _worker,
         args=(nproc, free_port(), cfg, out, device, resume, max_iters),

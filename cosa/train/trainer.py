@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from cosa import __version__
 from cosa.allocator import keep_freed_memory
-from cosa.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cosa.checkpoint import Checkpoint, load_checkpoint, restore_scaler, save_checkpoint
 from cosa.config import CosaConfig, dump_yaml
 from cosa.data import DatasetIndex, EvalDataset, TrainDataset, open_dataset, write_synthetic_dataset
 from cosa.data.check import check_dataset, list_splits
@@ -372,8 +372,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt.optimizer)
         if ckpt.scheduler is not None:
             self.scheduler.load_state_dict(ckpt.scheduler)
-        if ckpt.scaler is not None:
-            self.scaler.load_state_dict(ckpt.scaler)
+        restore_scaler(self.scaler, ckpt.scaler)
         if ckpt.thresholds is not None:
             for name, state in ckpt.thresholds.items():
                 self.thresholds[name].load_state_dict(state)
