@@ -74,8 +74,6 @@ def convert_to_fp16(src: Path, dst: Path, keep_fp32_nodes: Sequence[str] = ()) -
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"FP16 graph converted from {src} is invalid: {exc}") from exc
     onnx.save(converted, str(dst))
-    fp16 = sum(
-        1 for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16
-    )
+    fp16 = sum(1 for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
     logger.info("wrote %s (%d FP16 initializers)", dst, fp16)
     return dst
