@@ -41,6 +41,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Literal
@@ -87,6 +88,7 @@ InstanceKind = Literal["auto", "cpu", "gpu"]
 PLATFORMS: tuple[str, ...] = ("onnxruntime", "tensorrt", "python")
 
 LAYOUT_FILENAME = "cosa_repository.json"
+DECODER_MODULE = "cosa_image_decode"  # cosa/image_decode.py as preprocess_model.py imports it
 VERSION = "1"
 MAX_PNG_CLASSES = 256  # a palette PNG holds 256 colours
 
@@ -538,6 +540,9 @@ def _write_ensemble(root: Path, values: dict[str, str]) -> None:
         name = values[role]
         _write_model(root / name, _render(f"{role}.pbtxt", {**values, "name": name}))
         _copy_template(code, root / name / VERSION / "model.py")
+    # The pre-processing model decodes with the library's own decoder, shipped beside it.
+    decoder = resources.files("cosa").joinpath("image_decode.py").read_text(encoding="utf-8")
+    (root / values["preprocess"] / VERSION / f"{DECODER_MODULE}.py").write_text(decoder)
     # An ensemble needs an (empty) version folder like every other model.
     name = values["ensemble"]
     _write_model(root / name, _render("ensemble.pbtxt", {**values, "name": name}))

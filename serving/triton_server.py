@@ -175,7 +175,7 @@ def setup_triton(home: Path | None = None, *, force: bool = False) -> TritonInst
     except MissingDependencyError as exc:
         if requirements == list(SERVER_ENV_REQUIREMENTS):
             raise
-        logger.warning("%s; retrying without pinning onnxruntime", exc)
+        logger.warning("%s; retrying without pinning onnxruntime and Pillow", exc)
         requirements = list(SERVER_ENV_REQUIREMENTS)
         _pip_install_into(install.env_dir, requirements)
     _check_server_env(install.env_dir)
@@ -192,15 +192,18 @@ def setup_triton(home: Path | None = None, *, force: bool = False) -> TritonInst
 
 
 def _server_env_requirements() -> list[str]:
-    """SERVER_ENV_REQUIREMENTS with onnxruntime pinned to the client side's version, if any, so
-    that served and local masks come from the same kernels."""
+    """SERVER_ENV_REQUIREMENTS with onnxruntime and Pillow pinned to the client side's versions,
+    if installed, so that served and local masks come from the same kernels and the ensemble
+    decodes images with the same Pillow (and its bundled codecs) as `cosa segment`."""
     from importlib import metadata
 
-    try:
-        local = metadata.version("onnxruntime")
-    except metadata.PackageNotFoundError:
-        return list(SERVER_ENV_REQUIREMENTS)
-    return [f"onnxruntime=={local}" if r == "onnxruntime" else r for r in SERVER_ENV_REQUIREMENTS]
+    pinned = []
+    for requirement in SERVER_ENV_REQUIREMENTS:
+        if requirement in ("onnxruntime", "Pillow"):
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                requirement = f"{requirement}=={metadata.version(requirement)}"
+        pinned.append(requirement)
+    return pinned
 
 
 def _pip_install_into(target: Path, requirements: list[str]) -> None:
