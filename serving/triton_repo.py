@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -55,6 +53,7 @@ from cosa.export.spec import (
     TensorSpec,
     read_spec,
 )
+from cosa.files import new_staging_folder, replace_folder
 from cosa.serving.runners import fused_variant
 from cosa.serving.triton_names import (
     DEFAULT_MODEL_NAME,
@@ -260,8 +259,7 @@ def write_repository(
         ort_tensorrt,
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = new_staging_folder(out)
     try:
         seg_dir = tmp / layout.segmentation
         _write_model(seg_dir, seg_config)
@@ -274,7 +272,7 @@ def write_repository(
         if ensemble:
             _write_ensemble(tmp, values)
         (tmp / LAYOUT_FILENAME).write_text(json.dumps(layout.to_json_dict(), indent=2) + "\n")
-        _move_into_place(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -573,12 +571,3 @@ def _dims(tensor: TensorSpec) -> str:
     return ", ".join(str(d) for d in tensor.shape[1:])
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Renames the finished repository to `out`, replacing an earlier one if there is one."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

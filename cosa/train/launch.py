@@ -12,6 +12,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from cosa.config import CosaConfig
+from cosa.files import write_text_atomic
 from cosa.train.distributed import check_process_count, free_port
 from cosa.train.trainer import TrainResult, train
 
@@ -37,7 +38,7 @@ def _worker(
     )
     result = train(cfg, out, device=device, resume=resume, max_iters=max_iters, progress=rank == 0)
     if rank == 0:
-        (out / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=2))
+        write_text_atomic(out / RESULT_FILE, json.dumps(result.to_json(), indent=2))
 
 
 def launch(

@@ -34,6 +34,7 @@ from cosa.data.problems import raise_on_errors
 from cosa.errors import CheckpointError, ConfigError, DataError
 from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
 from cosa.evaluation.predictors import DeployPredictor, normalised_image
+from cosa.files import remove_stale_temporaries
 from cosa.losses import CosaObjective
 from cosa.model import CosaNet, build_model, ema_update, make_teacher
 from cosa.pseudo import (
@@ -138,8 +139,7 @@ class Trainer:
                 raise CheckpointError(
                     f"--resume: no checkpoint at {last}; start the run without --resume"
                 )
-            for stale in self.ckpt_dir.glob(".*.tmp"):  # left by a save that was killed midway
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(self.ckpt_dir)  # left by a save that was killed midway
             resumed = load_checkpoint(last, map_location="cpu")
             cfg = resumed.config  # a resumed run keeps its own config; only the length may change
         elif last.exists():
