@@ -157,3 +157,31 @@ def fake_tensorrt(engine: FakeEngine | None, version: str = "10.9.0") -> types.M
     trt.Runtime = Runtime  # type: ignore[attr-defined]
     trt.nptype = lambda t: {"f32": np.float32, "i32": np.int32}[t]  # type: ignore[attr-defined]
     return trt
+
+
+class CudaFakeEngine(FakeEngine):
+    """`FakeEngine` on a real GPU: reads and writes the CUDA buffers through their raw addresses
+    (`__cuda_array_interface__`) on the stream it is given, after ~10 ms of GPU work, so a missing
+    synchronisation shows as a wrong mask."""
+
+    def execute_async_v3(self, stream: int) -> bool:
+        import torch
+
+        self.executed_on.append((torch.cuda.current_device(), stream))
+        images = torch.as_tensor(_Cai(self.addresses["images"], self.shapes["images"], "<f4"))
+        mask = torch.as_tensor(_Cai(self.addresses["mask"], self.shapes["mask"], "<i4"))
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            torch.cuda._sleep(20_000_000)
+            mask.copy_(images[:, 0].to(torch.int32))
+        return True
+
+
+class _Cai:
+    def __init__(self, address: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": tuple(shape),
+            "typestr": typestr,
+            "data": (address, False),
+            "version": 2,
+            "strides": None,
+        }

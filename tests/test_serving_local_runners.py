@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from serving_fixtures import CLASS_NAMES, PALETTE, TINY_SPEC, TinyArtifacts, tiny_artifacts
-from tensorrt_fakes import FakeEngine, fake_tensorrt, install_fake_cuda
+from tensorrt_fakes import CudaFakeEngine, FakeEngine, fake_tensorrt, install_fake_cuda
 
 from cosa.errors import (
     CheckpointError,
@@ -429,6 +429,29 @@ def test_tensorrt_runner_loads_and_runs_on_its_gpu_with_its_own_stream(
     # Both calls on GPU 1 and on the runner's stream, never the legacy default stream 0.
     assert engine.executed_on == [(1, stream.cuda_stream)] * 2
     assert (cuda.device, cuda.stream) == (0, 0)  # the caller's device and stream are restored
+
+
+@pytest.mark.gpu
+def test_tensorrt_runner_plumbing_on_a_real_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real CUDA buffers and streams, fake TensorRT: runs on GPU machines without TensorRT."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    engine = CudaFakeEngine()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
+    images = batch(2, 48, 80)
+    transposed = np.ascontiguousarray(images.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    with TensorRTRunner(*plan_of(tmp_path), return_logits=True) as runner:
+        for _ in range(3):
+            out = runner.infer(transposed)
+            np.testing.assert_array_equal(out["mask"], images[:, 0].astype(np.int32))
+            assert out["logits"].shape == (2, 4, 48, 80)
+        handle = runner._engine.stream_handle
+    assert handle not in (0, torch.cuda.current_stream(0).cuda_stream)
+    assert engine.executed_on == [(0, handle)] * 3
 
 
 def test_check_profile() -> None:

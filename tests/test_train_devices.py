@@ -99,3 +99,19 @@ def test_a_rank_without_its_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
     assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
     with pytest.raises(ConfigError, match="process 2 of this node needs GPU 2 but 2 GPU"):
         resolve_device("cuda", local_rank=2)
+
+
+@pytest.mark.gpu
+def test_real_cuda_rng_and_scaler_restore() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from cosa.train.rng import restore_cuda_rng_states
+
+    torch.cuda.manual_seed_all(5)
+    states = torch.cuda.get_rng_state_all()
+    expected = torch.rand(3, device="cuda")
+    restore_cuda_rng_states(states + [states[0]] * 3)  # saved with 3 more GPUs visible
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0, enabled=True)
+    assert restore_scaler(scaler, torch.amp.GradScaler("cuda", enabled=False).state_dict()) is False
+    assert scaler.get_scale() == 1024.0
