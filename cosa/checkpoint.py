@@ -75,8 +75,8 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         "thresholds": ckpt.thresholds,
         "metrics": ckpt.metrics,
     }
-    with atomic_path(path, durable=True) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
