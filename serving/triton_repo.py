@@ -569,5 +569,3 @@ def _tensor(tensors: Sequence[TensorSpec], name: str) -> TensorSpec:
 def _dims(tensor: TensorSpec) -> str:
     """config.pbtxt dims: the spec's shape without the batch dimension (-1 = variable)."""
     return ", ".join(str(d) for d in tensor.shape[1:])
-
-

@@ -337,8 +337,9 @@ def test_tensorrt_missing_is_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails like an absent package
-    with pytest.raises(MissingDependencyError, match="needs TensorRT 10.x or 11.x, which is not "
-                       "installed") as info:
+    with pytest.raises(
+        MissingDependencyError, match="needs TensorRT 10.x or 11.x, which is not installed"
+    ) as info:
         open_runner(plan_folder(tmp_path), "auto")
     assert "--backend tensorrt" in str(info.value) and "--backend onnxruntime" in str(info.value)
     assert "\n" not in str(info.value)
