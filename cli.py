@@ -16,10 +16,24 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cosa.choices import (
+    DEFAULT_EVAL_SCALES,
+    Backend,
+    CalibrationMethod,
+    Device,
+    EvalProtocol,
+    InstanceKind,
+    MaskFormat,
+    OrtFusion,
+    Platform,
+    Precision,
+    WireProtocol,
+)
 from cosa.errors import CosaError
 from cosa.serving.triton_names import DEFAULT_MODEL_NAME
 
@@ -73,18 +87,6 @@ class Preset(str, Enum):
     voc = "voc"
     coco = "coco"
     reference = "reference"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Protocol(str, Enum):
-    deploy = "deploy"
-    paper = "paper"
-    tta = "tta"
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -207,7 +209,7 @@ def train(
         ),
     ] = None,
     max_iters: Annotated[int | None, typer.Option(help="Override train.max_iters.")] = None,
-    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.auto,
+    device: Annotated[Device, typer.Option(help="auto = CUDA when available.")] = Device.AUTO,
     pretrained: Annotated[Path | None, typer.Option(help="Local backbone weights file.")] = None,
     init: Annotated[
         Path | None,
@@ -255,7 +257,7 @@ def train(
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
-    summary = result if isinstance(result, dict) else result.to_json()
+    summary = result.to_json()
     if json_:
         print_json(summary)
         return
@@ -278,6 +280,8 @@ def train(
 
 # ------------------------------------------------------------------------------------------- eval
 
+_SCALES = ",".join(map(str, DEFAULT_EVAL_SCALES))
+
 
 @app.command("eval")
 @reports_errors
@@ -288,16 +292,28 @@ def eval_(
     data: Annotated[Path, typer.Option(help="Dataset root.")],
     split: Annotated[str, typer.Option(help="Split to score.")] = "val",
     protocol: Annotated[
-        Protocol,
+        EvalProtocol,
         typer.Option(
             help="deploy: what `cosa segment` writes (native size, "
             "single scale); paper: 448x448, scales + flip; tta: native size, scales + flip "
             "(the CAM scores use them too)."
         ),
-    ] = Protocol.deploy,
-    scales: Annotated[
-        str, typer.Option(help="Scales of the paper and tta protocols.")
-    ] = "1.0,0.5,1.5,0.75,1.25",
+    ] = EvalProtocol.DEPLOY,
+    scales: Annotated[str, typer.Option(help="Scales of the paper and tta protocols.")] = _SCALES,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            help="Export folder: the network of this precision (default the export's); the "
+            "file is the one `cosa segment` runs here."
+        ),
+    ] = None,
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            help="Export folder: onnxruntime or tensorrt (auto: tensorrt when the export's "
+            "primary file is an engine)."
+        ),
+    ] = Backend.AUTO,
     flip: Annotated[
         bool, typer.Option(help="Flip test-time augmentation (paper and tta protocols).")
     ] = True,
@@ -305,13 +321,13 @@ def eval_(
         bool, typer.Option(help="Also score CAM and CAM pseudo-labels (checkpoints).")
     ] = True,
     max_images: Annotated[int, typer.Option(help="Score only the first N images (0 = all).")] = 0,
-    device: Annotated[Device, typer.Option()] = Device.auto,
+    device: Annotated[Device, typer.Option()] = Device.AUTO,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """mIoU (plain, the headline), label-masked mIoU, CAM and pseudo-label quality."""
     scale_values = _parse_floats(scales, "--scales")
     if model.is_dir() or model.suffix in (".onnx", ".plan"):
-        result = _evaluate_artifact(model, data, split, protocol.value, max_images)
+        result = _evaluate_artifact(model, data, split, protocol, precision, backend, max_images)
     else:
         from cosa.evaluation.run import evaluate_checkpoint
 
@@ -326,6 +342,8 @@ def eval_(
             max_images=max_images,
             device=device.value,
         )
+    for warning in result.extra.get("warnings", []):
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     if json_:
         print_json(result.to_json())
         return
@@ -356,6 +374,16 @@ def eval_(
             f"labels {result.cam_miou_predicted_labels:.4f})   CPL mIoU {result.cpl_miou:.4f} "
             f"(coverage {result.cpl_coverage:.2f})"
         )
+    artifact = result.extra.get("artifact")
+    if artifact:
+        out_console.print(
+            f"scored {artifact.get('file')} with {artifact.get('runtime')} on "
+            f"{artifact.get('device')} ({artifact.get('reason')})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if artifact.get("warning"):
+            err_console.print(f"warning: {artifact['warning']}", highlight=False, soft_wrap=True)
     chosen = result.extra.get("checkpoint")
     if chosen and chosen.get("selection_metric"):
         best = chosen.get("best_score")
@@ -390,7 +418,7 @@ def pseudo(
         bool, typer.Option(help="Resume: keep the masks an interrupted run wrote.")
     ] = False,
     copy: Annotated[bool, typer.Option(help="Copy the images instead of hard-linking.")] = False,
-    device: Annotated[Device, typer.Option()] = Device.auto,
+    device: Annotated[Device, typer.Option()] = Device.AUTO,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Pseudo-masks for a second, fully supervised stage, written as a tagged folder."""
@@ -438,7 +466,7 @@ def demo(
     ),
     max_iters: Annotated[int | None, typer.Option(help="Shorter or longer training.")] = None,
     images: Annotated[int, typer.Option(help="Test images to segment at the end.")] = 8,
-    device: Annotated[Device, typer.Option()] = Device.auto,
+    device: Annotated[Device, typer.Option()] = Device.AUTO,
     config: Annotated[Path | None, typer.Option(help="YAML file of overrides.")] = None,
     set_: Annotated[
         list[str] | None,
@@ -461,7 +489,7 @@ def demo(
         resume=resume,
         max_iters=max_iters,
     )
-    summary = result if isinstance(result, dict) else result.to_json()
+    summary = result.to_json()
     checkpoint = Path(summary["best_checkpoint"] or summary["last_checkpoint"])
     exported = export_artifacts(checkpoint, out / "export", ExportOptions())
     test_list = run / "data" / "ImageSets" / "Segmentation" / "test.txt"
@@ -486,24 +514,6 @@ def demo(
 # ----------------------------------------------------------------------------------------- export
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class CalibMethod(str, Enum):
-    entropy = "entropy"
-    percentile = "percentile"
-    minmax = "minmax"
-
-
-class OrtFusion(str, Enum):
-    auto = "auto"
-    on = "on"
-    off = "off"
-
-
 @app.command()
 @reports_errors
 def export(
@@ -513,12 +523,12 @@ def export(
     out: Annotated[Path, typer.Option(help="Export folder (model.onnx + spec.json, ...).")],
     precision: Annotated[
         Precision, typer.Option(help="Primary artifact precision.")
-    ] = Precision.fp32,
+    ] = Precision.FP32,
     calib: Annotated[
         Path | None, typer.Option(help="Calibration images (required for int8).")
     ] = None,
     calib_size: Annotated[int | None, typer.Option(help="At most N calibration images.")] = None,
-    calib_method: Annotated[CalibMethod, typer.Option()] = CalibMethod.entropy,
+    calib_method: Annotated[CalibrationMethod, typer.Option()] = CalibrationMethod.ENTROPY,
     exclude_node: Annotated[
         list[str] | None, typer.Option(help="Keep this node in float (int8), repeatable.")
     ] = None,
@@ -538,7 +548,7 @@ def export(
             help="Also write model.ort.onnx: fused transformer ops, onnxruntime only. "
             "auto: ViT backbones only; on: fail if nothing fuses."
         ),
-    ] = OrtFusion.auto,
+    ] = OrtFusion.AUTO,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Export the assignment network's seg stream: verified ONNX, FP16, INT8 (Q/DQ), TensorRT."""
@@ -586,24 +596,6 @@ def export(
 # -------------------------------------------------------------------------------- segment, stream
 
 
-class Backend(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-    triton = "triton"
-
-
-class WireProtocol(str, Enum):
-    grpc = "grpc"
-    http = "http"
-
-
-class MaskFormat(str, Enum):
-    png = "png"
-    npy = "npy"
-
-
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
@@ -626,11 +618,15 @@ def segment(
             "(with triton: the export folder, for spec.json)."
         ),
     ] = None,
-    backend: Annotated[Backend, typer.Option(help="auto: from the model file.")] = Backend.auto,
+    backend: Annotated[Backend, typer.Option(help="auto: from the model file.")] = Backend.AUTO,
     url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
-    protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.grpc,
+    protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.GRPC,
     precision: Annotated[
-        str | None, typer.Option(help="fp32|fp16|int8 artifact of an export folder (onnxruntime).")
+        Precision | None,
+        typer.Option(
+            help="Network of an export folder (onnxruntime; default the export's precision); "
+            "the file is the one accurate and fast on this device (--json names it)."
+        ),
     ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Images per inference call (same-size images).")
@@ -638,7 +634,7 @@ def segment(
     overlay: Annotated[bool, typer.Option(help="Also write a blended picture per image.")] = False,
     format_: Annotated[
         MaskFormat, typer.Option("--format", help="png: palette PNG; npy: raw ids.")
-    ] = MaskFormat.png,
+    ] = MaskFormat.PNG,
     skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose mask exists.")] = False,
     engine: Annotated[
         Engine,
@@ -655,7 +651,7 @@ def segment(
 ) -> None:
     """Segment images; bad files are reported and skipped (exit code 1 if any failed)."""
     from cosa.errors import ConfigError
-    from cosa.serving.runners import default_parallel_calls, open_runner
+    from cosa.serving.runners import default_parallel_calls, describe_runner, open_runner
     from cosa.serving.segment import segment_inputs
 
     if engine is Engine.ray:
@@ -680,6 +676,8 @@ def segment(
             progress=not json_,
             options=options,
         )
+        # Each Ray worker opens its own runner (the same chooser, on the worker's machine).
+        model_info = {"engine": "ray", "file": None}
     else:
         if ray_address is not None or ray_workers is not None:
             raise ConfigError("--ray-address and --ray-workers need --engine ray")
@@ -691,6 +689,9 @@ def segment(
             precision=precision,
             parallel_calls=default_parallel_calls(),
         )
+        model_info = describe_runner(runner)
+        if model_info.get("warning") and not json_:
+            err_console.print(f"warning: {model_info['warning']}", highlight=False, soft_wrap=True)
         try:
             summary = segment_inputs(
                 inputs,
@@ -705,7 +706,7 @@ def segment(
         finally:
             runner.close()
     if json_:
-        print_json(summary.to_json())
+        print_json({**summary.to_json(), "model": model_info})
     else:
         for failure in summary.failed:
             err_console.print(
@@ -731,11 +732,11 @@ def stream(
     model: Annotated[
         Path | None, typer.Option(help="Export folder, .onnx/.plan or checkpoint.")
     ] = None,
-    backend: Annotated[Backend, typer.Option()] = Backend.auto,
+    backend: Annotated[Backend, typer.Option()] = Backend.AUTO,
     url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
     protocol: Annotated[
         WireProtocol, typer.Option(help="Triton protocol (grpc streams).")
-    ] = WireProtocol.grpc,
+    ] = WireProtocol.GRPC,
     masks: Annotated[
         Path | None, typer.Option(help="Also write one mask PNG per frame here.")
     ] = None,
@@ -748,7 +749,7 @@ def stream(
     Files and image sequences run two frames at once on a local onnxruntime backend with two or
     more CPUs (more frames per second); a camera runs one at a time (lower latency).
     """
-    from cosa.serving.runners import default_parallel_calls, open_runner
+    from cosa.serving.runners import default_parallel_calls, describe_runner, open_runner
     from cosa.serving.stream import is_camera, run_stream
 
     runner = open_runner(
@@ -771,7 +772,7 @@ def stream(
     finally:
         runner.close()
     if json_:
-        print_json(summary.to_json())
+        print_json({**summary.to_json(), "model": describe_runner(runner)})
         return
     out_console.print(
         f"{summary.frames} frames -> {summary.out}: {summary.fps:.1f} FPS, latency p50 "
@@ -779,19 +780,155 @@ def stream(
     )
 
 
+# -------------------------------------------------------------------------------------- benchmark
+
+
+@app.command()
+@reports_errors
+def benchmark(
+    artifact_dir: Annotated[
+        Path, typer.Argument(help="Folder written by `cosa export`.", metavar="ARTIFACT_DIR")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset root: also score mIoU on --split (as `cosa eval` does)."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split scored with --data.")] = "val",
+    backends: Annotated[
+        str | None,
+        typer.Option(
+            help="Runtimes to measure, comma-separated (default: all; those that cannot run "
+            "here are listed as skipped)."
+        ),
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
+    protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.GRPC,
+    batch: Annotated[str, typer.Option(help="Batch sizes to time; the first decides.")] = "1,8",
+    size: Annotated[
+        str | None, typer.Option(help="HxW of the timing images (default: the export's opt).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed calls per batch size, at least.")] = 5,
+    seconds: Annotated[
+        float, typer.Option(help="Keep timing a batch size until its calls took this long.")
+    ] = 1.0,
+    max_images: Annotated[int, typer.Option(help="Score only the first N images (0 = all).")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the report as markdown to this file.")
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Measure every network of an export folder on this machine and recommend one to deploy."""
+    from cosa.errors import ConfigError
+    from cosa.export.spec import read_spec
+    from cosa.serving.benchmark import BenchmarkOptions
+
+    if out is not None and (out.is_dir() or out.suffix.lower() != ".md"):
+        raise ConfigError(f"--out {out} must be a markdown file path (FILE.md), not a folder")
+    names = tuple(b.strip() for b in (backends or "").split(",") if b.strip())
+    chosen = {"backends": names} if backends is not None else {}
+    options = BenchmarkOptions(
+        **chosen,  # type: ignore[arg-type]
+        url=url,
+        protocol=protocol,
+        batches=_parse_ints(batch, "--batch"),
+        size=_parse_size(size) if size else None,
+        repeats=repeats,
+        min_seconds=seconds,
+    )
+    if not (artifact_dir / "spec.json").is_file():
+        raise ConfigError(
+            f"{artifact_dir} has no spec.json; pass a folder written by `cosa export`"
+        )
+    spec = read_spec(artifact_dir)
+    scorer = None
+    if data is not None:
+        from cosa.data import open_dataset
+        from cosa.evaluation.evaluate import evaluate
+
+        index = open_dataset(data, split, class_names=spec.class_names)
+
+        def scorer(predict: Any) -> float | None:
+            return evaluate(predict, index, protocol="deploy", max_images=max_images).miou
+
+    report = _run_benchmark(artifact_dir, options, scorer, progress=not json_)
+    if out is not None:
+        from cosa.files import write_text_atomic
+
+        write_text_atomic(out, report.markdown())
+    if json_:
+        print_json(report.to_json())
+        return
+    header, rows = report.rows()
+    height, width = report.size
+    table = Table(
+        title=f"{artifact_dir} on {report.machine}, input {height}x{width}",
+        box=box.SIMPLE_HEAD,
+    )
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i < 3 else "right", no_wrap=i < 2)
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table)
+    out_console.print(
+        "mIoU: "
+        + (f"{data} [{split}], as `cosa eval` scores it" if data else "not measured (no --data)")
+        + f"; =FP32: mask agreement with FP32 on {report.agreement_on}; bN ms / p95: mean and "
+        "95th-percentile latency of a batch of N (networks taking turns call by call); MiB: peak "
+        "memory its loading added; * = recommended",
+        highlight=False,
+        markup=False,
+    )
+    for skipped in report.skipped:
+        out_console.print(
+            f"skipped {skipped.runtime}: {skipped.reason}", highlight=False, markup=False
+        )
+    for network in report.networks:
+        for note in network.notes:
+            out_console.print(f"{network.name}: {note}", highlight=False, markup=False)
+    out_console.print(
+        f"recommendation: {report.recommendation}", highlight=False, soft_wrap=True, markup=False
+    )
+
+
+def _run_benchmark(artifact_dir: Path, options: Any, scorer: Any, progress: bool) -> Any:
+    """`benchmark_artifacts` with a rich progress bar on stderr (one task per network)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from cosa.serving.benchmark import benchmark_artifacts
+
+    if not progress:
+        return benchmark_artifacts(artifact_dir, options, scorer)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total or None)
+            bar.update(tasks[name], completed=done)
+
+        return benchmark_artifacts(artifact_dir, options, scorer, progress=update)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    from cosa.errors import ConfigError
+
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2 or min(values) < 1:
+        raise ConfigError(f"--size {text!r} is not HxW with two positive integers; e.g. 448x448")
+    return values  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------------------- triton
-
-
-class Platform(str, Enum):
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-    python = "python"
-
-
-class InstanceKind(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
 
 
 @triton_app.command("setup")
@@ -821,7 +958,7 @@ def triton_repo(
     out: Annotated[Path, typer.Option(help="Model repository to create.")],
     platform: Annotated[
         Platform, typer.Option(help="Backend of the segmentation model.")
-    ] = Platform.onnxruntime,
+    ] = Platform.ONNXRUNTIME,
     max_batch: Annotated[int, typer.Option(help="max_batch_size of the segmentation model.")] = 8,
     instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
     preferred_batch: Annotated[str, typer.Option(help="Preferred batch sizes, e.g. 4,8.")] = "",
@@ -832,12 +969,20 @@ def triton_repo(
     instance_kind: Annotated[
         InstanceKind,
         typer.Option(help="auto: GPU for tensorrt, CPU for python, KIND_AUTO for onnxruntime."),
-    ] = InstanceKind.auto,
+    ] = InstanceKind.AUTO,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            help="Network to serve (default the export's precision); the file is the one "
+            "accurate and fast where the instances run (--json names it)."
+        ),
+    ] = None,
     ensemble: Annotated[
         bool, typer.Option(help="Add pre/post-processing + ensemble models.")
     ] = True,
     warmup: Annotated[bool, typer.Option(help="Add model_warmup.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace a repository written by cosa.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Write a Triton model repository (dynamic batching, instances, warmup, ensemble)."""
     from cosa.serving.triton_repo import write_repository
@@ -852,12 +997,23 @@ def triton_repo(
         preferred_batch=preferred,
         max_queue_delay_us=max_queue_delay_us,
         model_name=model_name,
-        instance_kind=None if instance_kind is InstanceKind.auto else instance_kind.value,
+        instance_kind=None if instance_kind is InstanceKind.AUTO else instance_kind.value,
+        precision=precision,
         ensemble=ensemble,
         warmup=warmup,
         overwrite=overwrite,
     )
+    if json_:
+        print_json(layout.to_json_dict())
+        return
+    artifact = layout.artifact or {}
     out_console.print(f"wrote {out}: models {', '.join(layout.models)}")
+    out_console.print(
+        f"{layout.segmentation} serves {artifact.get('file')} ({artifact.get('reason')})",
+        highlight=False,
+    )
+    if artifact.get("warning"):
+        err_console.print(f"warning: {artifact['warning']}", highlight=False, soft_wrap=True)
     out_console.print(
         f"serve it: cosa triton serve {out}   (or: tritonserver --model-repository={out})"
     )
@@ -952,28 +1108,41 @@ def triton_serve(
     )
 
 
-def _evaluate_artifact(model: Path, data: Path, split: str, protocol: str, max_images: int) -> Any:
-    """Score an exported artifact (ONNX through onnxruntime, a plan through TensorRT)."""
+def _evaluate_artifact(
+    model: Path,
+    data: Path,
+    split: str,
+    protocol: EvalProtocol,
+    precision: Precision | None,
+    backend: Backend,
+    max_images: int,
+) -> Any:
+    """Score an exported network (ONNX through onnxruntime, a plan through TensorRT): the file
+    `cosa segment` runs on this machine (`cosa.export.layout.choose_artifact`)."""
     from cosa.data import open_dataset
     from cosa.errors import ConfigError
     from cosa.evaluation.evaluate import evaluate
-    from cosa.serving.runners import open_runner
+    from cosa.serving.runners import describe_runner, logits_predictor, open_runner
 
-    if protocol != "deploy":
+    if protocol is not EvalProtocol.DEPLOY:
         raise ConfigError(
             "exported artifacts are scored with --protocol deploy (what they compute); "
             "use the checkpoint for --protocol paper or tta"
         )
-    runner = open_runner(model, backend="auto", return_logits=True)
+    if backend not in (Backend.AUTO, Backend.ONNXRUNTIME, Backend.TENSORRT):
+        raise ConfigError(
+            f"--backend {backend.value} does not score an export folder; use onnxruntime or "
+            "tensorrt (a checkpoint is scored in torch: pass the .pt)"
+        )
+    runner = open_runner(model, backend=backend.value, precision=precision, return_logits=True)
     try:
         # A tagged folder's ids follow the model's classes; other layouts must have the same.
         index = open_dataset(data, split, class_names=runner.spec.class_names)
-
-        def predict(image: Any) -> Any:
-            batch = image.transpose(2, 0, 1)[None].astype("float32")
-            return runner.infer(batch)["logits"][0]
-
-        return evaluate(predict, index, protocol="deploy", max_images=max_images)
+        result = evaluate(
+            logits_predictor(runner), index, protocol=protocol.value, max_images=max_images
+        )
+        result.extra["artifact"] = describe_runner(runner)
+        return result
     finally:
         runner.close()
 

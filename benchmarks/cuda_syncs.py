@@ -38,7 +38,8 @@ def _trainer_iteration(frame: FrameType | None) -> int | None:
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, Trainer):
-            return getattr(owner, "iteration", None)  # None while it is being built
+            state = getattr(owner, "state", None)  # None while it is being built
+            return None if state is None else state.iteration
         frame = frame.f_back
     return None
 

@@ -14,9 +14,11 @@ the same input size:
   * a small onnxruntime settings sweep (optimisation level x threads) and onnxruntime's per-op-type
     profile of the FP32 graphs, which say where the time goes.
 
-Artifacts come from `cosa.export.export_artifacts` (FP32 + INT8 Q/DQ + the INT8 CPU flavour,
-calibrated on synthetic train images), FP16 from `cosa.export.fp16`. Results go to
-`benchmarks/results/inference.json` and `inference.md`.
+Timing (round robin, call by call), mask agreement and mIoU are the library's, the code `cosa
+benchmark` measures with: `cosa.serving.benchmark.time_calls` and `mask_agreement`, and
+`cosa.evaluation.evaluate` (as `cosa eval`). Artifacts come from `cosa.export.export_artifacts`
+(FP32 + INT8 Q/DQ + the INT8 CPU flavour, calibrated on synthetic train images), FP16 from
+`cosa.export.fp16`. Results go to `benchmarks/results/inference.json` and `inference.md`.
 
     python benchmarks/inference.py [--checkpoint runs/demo/checkpoints/best.pt] [--size 448]
     python benchmarks/inference.py --models vit_s   # re-measure ViT-S only, keep the demo rows
@@ -27,12 +29,12 @@ Timings on a shared machine are noisy: compare ratios from one run, not numbers 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 from collections import Counter
@@ -46,10 +48,11 @@ import torch
 
 from cosa.checkpoint import Checkpoint, load_deploy_model, save_checkpoint
 from cosa.config import ModelConfig, preset
-from cosa.data import open_dataset, read_mask, read_rgb, write_synthetic_dataset
-from cosa.evaluation.metrics import ConfusionMatrix
+from cosa.data import DatasetIndex, open_dataset, write_synthetic_dataset
+from cosa.evaluation.evaluate import evaluate
 from cosa.export.fp16 import convert_to_fp16
 from cosa.export.fusion import fuse_vit, vit_attention_shape
+from cosa.export.layout import FILES, Role, Runtime, choose_artifact
 from cosa.export.onnx_export import export_onnx
 from cosa.export.pipeline import ExportOptions, export_artifacts
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME
@@ -64,6 +67,7 @@ from cosa.export.verify import (
 from cosa.export.verify import torch_runner as verify_torch_runner
 from cosa.files import write_text_atomic
 from cosa.model import DeployModel, build_model
+from cosa.serving.benchmark import LatencyStats, mask_agreement, time_calls
 
 logger = logging.getLogger("benchmarks.inference")
 
@@ -142,50 +146,29 @@ def ort_runner(session: Any) -> Runner:
 
 def measure(
     runs: dict[Any, Runner], images: np.ndarray, warmup: int, repeats: int
-) -> dict[Any, tuple[float, float, float]]:
-    """(p50 ms, p95 ms, images/s) of each `run(images)` over `repeats` timed calls.
-
-    The runners take turns call by call (round robin), so a burst of load from other processes on
-    a shared machine slows all of them alike instead of one runner's whole series.
-    """
-    for run in runs.values():
-        for _ in range(warmup):
-            run(images)
-    times: dict[Any, list[float]] = {key: [] for key in runs}
-    for _ in range(repeats):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run(images)
-            times[key].append(time.perf_counter() - start)
-    stats = {}
-    for key, series in times.items():
-        p50 = statistics.median(series)
-        stats[key] = (p50 * 1e3, float(np.percentile(series, 95)) * 1e3, images.shape[0] / p50)
-    return stats
+) -> dict[Any, LatencyStats]:
+    """Latency of each `run(images)` over `repeats` timed calls, the runners taking turns call by
+    call (`cosa.serving.benchmark.time_calls`, what `cosa benchmark` measures with)."""
+    calls = {key: functools.partial(run, images) for key, run in runs.items()}
+    return time_calls(calls, images.shape[0], warmup=warmup, repeats=repeats)
 
 
 # ------------------------------------------------------------------------------------ accuracy
 
 
-def segment_split(run: Runner, samples: list[Any]) -> list[np.ndarray]:
-    """Masks (H, W) int32 for every sample, one image per call at its native size."""
-    masks = []
-    for sample in samples:
-        image = np.asarray(read_rgb(sample.image_path), dtype=np.float32).transpose(2, 0, 1)
-        masks.append(run(np.ascontiguousarray(image[None]))[1][0])
-    return masks
+def score_split(run: Runner, index: DatasetIndex, count: int) -> tuple[float, list[np.ndarray]]:
+    """(mIoU in points, masks) of the first `count` images of `index`, one image per call at its
+    native size, scored by `cosa.evaluation.evaluate` as `cosa eval` and `cosa benchmark` do."""
+    masks: list[np.ndarray] = []
 
+    def predict(image: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
+        logits, mask = run(batch)
+        masks.append(mask[0])
+        return logits[0]
 
-def miou(masks: list[np.ndarray], samples: list[Any], num_classes: int) -> float:
-    matrix = ConfusionMatrix(num_classes)
-    for mask, sample in zip(masks, samples, strict=True):
-        matrix.update(mask, read_mask(sample.mask_path))
-    return 100.0 * matrix.scores().miou
-
-
-def agreement(masks: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    same = sum(int((a == b).sum()) for a, b in zip(masks, reference, strict=True))
-    return same / sum(m.size for m in reference)
+    result = evaluate(predict, index, protocol="deploy", max_images=count)
+    return 100.0 * (result.miou or 0.0), masks
 
 
 # ------------------------------------------------------------------------------------ profiling
@@ -309,18 +292,18 @@ def timing_rows(
         repeats = args.repeats if batch == 1 else max(3, args.repeats // 3)
         logger.info("timing %s at batch %d (%d rounds)", model_name, batch, repeats)
         stats = measure(runners, images, warmup=1, repeats=repeats)
-        eager = stats[next(iter(runners))][0]
-        for (runtime, artifact), (p50, p95, ips) in stats.items():
+        eager = stats[next(iter(runners))].p50_ms
+        for (runtime, artifact), timed in stats.items():
             rows.append(
                 Row(
                     model_name,
                     runtime,
                     artifact,
                     batch,
-                    round(p50, 1),
-                    round(p95, 1),
-                    round(ips, 2),
-                    round(eager / p50, 2),
+                    round(timed.p50_ms, 1),
+                    round(timed.p95_ms, 1),
+                    round(timed.images_per_s, 2),
+                    round(eager / timed.p50_ms, 2),
                 )
             )
     return rows
@@ -341,8 +324,8 @@ def settings_sweep(
     runs = {key: ort_runner(ort_session(path, key[1], key[0], spinning=key[2])) for key in settings}
     stats = measure(runs, images, warmup=1, repeats=max(3, args.repeats // 2))
     return [
-        {"level": level, "threads": threads, "spinning": spin, "p50_ms": round(p50, 1)}
-        for (level, threads, spin), (p50, _, _) in stats.items()
+        {"level": level, "threads": threads, "spinning": spin, "p50_ms": round(timed.p50_ms, 1)}
+        for (level, threads, spin), timed in stats.items()
     ]
 
 
@@ -365,8 +348,8 @@ def run_demo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     result = export_artifacts(ckpt_path, export_dir, options)
     export_seconds = time.perf_counter() - started
-    fp32 = export_dir / "model.onnx"
-    fp16 = convert_to_fp16(fp32, work / "model.fp16.onnx")
+    fp32 = export_dir / FILES[Role.FP32]
+    fp16 = convert_to_fp16(fp32, work / FILES[Role.FP16])
     fp16_check = compare(
         onnxruntime_runner(fp16),
         onnxruntime_runner(fp32),
@@ -382,22 +365,21 @@ def run_demo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ("onnxruntime", "model.onnx (fp32)"): ort_runner(ort_session(fp32, args.threads)),
         ("onnxruntime", "model.fp16.onnx"): ort_runner(ort_session(fp16, args.threads)),
         ("onnxruntime", "model.int8.onnx (s8 Q/DQ, TensorRT file)"): ort_runner(
-            ort_session(export_dir / "model.int8.onnx", args.threads)
+            ort_session(export_dir / FILES[Role.INT8], args.threads)
         ),
         ("onnxruntime", "model.int8_cpu.onnx (u8s8 QOperator)"): ort_runner(
-            ort_session(export_dir / "model.int8_cpu.onnx", args.threads)
+            ort_session(export_dir / FILES[Role.INT8_CPU], args.threads)
         ),
     }
     rows = timing_rows("demo efficientnet_lite0", runners, args.size, args)
 
-    num_classes = len(test.class_names)
-    masks = {}
+    masks, scores = {}, {}
     for key, run in runners.items():
         logger.info("segmenting the test split: %s %s", *key)
-        masks[key] = segment_split(run, samples)
+        score, masks[key] = score_split(run, test, len(samples))
+        scores[key] = round(score, 2)
     fp32_key = ("onnxruntime", "model.onnx (fp32)")
-    scores = {key: round(miou(m, samples, num_classes), 2) for key, m in masks.items()}
-    agreements = {key: round(agreement(m, masks[fp32_key]), 4) for key, m in masks.items()}
+    agreements = {key: round(mask_agreement(m, masks[fp32_key]), 4) for key, m in masks.items()}
     for row in rows:
         row.miou = scores[(row.runtime, row.artifact)]
         row.mask_agreement_vs_fp32 = agreements[(row.runtime, row.artifact)]
@@ -409,9 +391,11 @@ def run_demo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     # The TensorRT file's accuracy as TensorRT computes it: Q/DQ evaluated exactly, without
     # onnxruntime's x86 int8 kernels (see cosa.export.verify.onnxruntime_runner).
-    exact_runner = onnxruntime_runner(export_dir / "model.int8.onnx", optimize=False)
-    exact_masks = segment_split(exact_runner, samples)
-    exact_miou = round(miou(exact_masks, samples, num_classes), 2)
+    exact_runner = onnxruntime_runner(export_dir / FILES[Role.INT8], optimize=False)
+    # The INT8 file `cosa segment` / `cosa eval` run in onnxruntime on this machine.
+    chosen_int8 = choose_artifact(export_dir, result.spec, Runtime.ONNXRUNTIME, "int8")
+    exact_score, exact_masks = score_split(exact_runner, test, len(samples))
+    exact_miou = round(exact_score, 2)
 
     image = random_images([(1, args.size, args.size)])[0]
     return {
@@ -426,7 +410,8 @@ def run_demo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "int8_miou_drop": int8_drop,
         "int8_qdq_exact_miou": exact_miou,
         "int8_qdq_exact_miou_drop": round(fp32_miou - exact_miou, 2),
-        "int8_qdq_exact_agreement": round(agreement(exact_masks, masks[fp32_key]), 4),
+        "int8_qdq_exact_agreement": round(mask_agreement(exact_masks, masks[fp32_key]), 4),
+        "int8_chosen_here": chosen_int8.path.name,
         "ort_sweep": settings_sweep(fp32, args.size, args),
         "ort_spinning": False,
         "ort_profile_fp32": ort_profile(fp32, image, args.threads, 3, work),
@@ -559,6 +544,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{MAX_INT8_MIOU_DROP}. The Q/DQ file's row above runs onnxruntime's x86 int8 kernels, "
         "whose u8 x s8 products saturate on this AVX2 CPU without VNNI: its accuracy there is "
         "the kernel's, not the model's.",
+        f"INT8 file `cosa segment` runs in onnxruntime on this machine "
+        f"(`cosa.export.layout.choose_artifact`): {demo.get('int8_chosen_here', 'not recorded')}.",
         f"TensorRT: {report['tensorrt']}.",
         "",
         "Targets (speed-up over torch eager of the FP32 graph the onnxruntime runner serves: "

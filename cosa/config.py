@@ -22,6 +22,11 @@ from cosa.errors import ConfigError, did_you_mean
 from cosa.files import write_text_atomic
 
 BACKBONES = ("efficientnet_lite0", "vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16")
+CAM_POOLINGS = ("max", "mean")  # image logits from the features' global max (reference) or mean
+SELECT_METRICS = ("auto", "miou", "tag_f1", "cam_miou", "cam_miou_predicted_labels")
+"""`train.select_metric` choices; every one but "auto" is an attribute of `EvalResult`."""
+SUPERVISIONS = ("weak", "full")
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,8 @@ def _coco() -> CosaConfig:
         pseudo=replace(base.pseudo, high_threshold=0.65, low_threshold=0.25),
         loss=replace(base.loss, warmup_iters=10000),
         train=replace(base.train, max_iters=60000, batch_size=8, eval_every=6000),
+        # The reference's queue holds batch_size x 50 images: 200 on VOC, 400 here.
+        thresholds=replace(base.thresholds, queue_images=400),
     )
 
 
@@ -370,13 +377,15 @@ def _apply(obj: Any, path: list[str], value: Any, full_key: str) -> Any:
 
 
 def apply_overrides(cfg: CosaConfig, overrides: dict[str, Any]) -> CosaConfig:
-    """Return `cfg` with dotted-key overrides applied (e.g. `{"train.max_iters": 100}`).
+    """Return `cfg` with dotted-key overrides applied (e.g. `{"train.max_iters": 100}`), validated.
 
     Raises:
-        ConfigError: unknown key (with a suggestion) or a value of the wrong type.
+        ConfigError: unknown key (with a suggestion), a value of the wrong type, or a value out of
+            its range (`validate`).
     """
     for key, value in overrides.items():
         cfg = _apply(cfg, key.split("."), value, key)
+    validate(cfg)
     return cfg
 
 
@@ -438,6 +447,139 @@ def resolve(
     if config_file is not None:
         cfg = from_dict(load_yaml(config_file), cfg)
     return apply_overrides(cfg, parse_set_option(overrides))
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+def _non_negative(x: float) -> bool:
+    return x >= 0
+
+
+def _unit(x: float) -> bool:
+    return 0.0 <= x <= 1.0
+
+
+def _at_least_one(x: int) -> bool:
+    return x >= 1
+
+
+def _choice(choices: tuple[str, ...]) -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda x: x in choices), f"one of {', '.join(choices)}"
+
+
+_POSITIVE = (_positive, "> 0")
+_NON_NEGATIVE = (_non_negative, ">= 0")
+_UNIT = (_unit, "in [0, 1]")
+_AT_LEAST_ONE = (_at_least_one, ">= 1")
+
+# Every value a run reads, with the range it accepts. Checked once, when a config is resolved
+# (`apply_overrides`, `resolve`) and when a run starts, so a bad value fails in seconds instead
+# of inside a loss thousands of iterations later.
+_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "model.backbone": _choice(BACKBONES),
+    "model.cam_pooling": _choice(CAM_POOLINGS),
+    "model.decoder_channels": _AT_LEAST_ONE,
+    "model.decoder_dilation": _AT_LEAST_ONE,
+    "data.val_fraction": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
+    "data.split_seed": _NON_NEGATIVE,
+    "data.crop_size": (lambda x: x >= 16, ">= 16 (one output cell)"),
+    "data.scale_min": _POSITIVE,
+    "data.scale_max": _POSITIVE,
+    "data.num_workers": _NON_NEGATIVE,
+    "data.synth_train": _AT_LEAST_ONE,
+    "data.synth_val": _AT_LEAST_ONE,
+    "data.synth_test": _NON_NEGATIVE,
+    "data.synth_seed": _NON_NEGATIVE,
+    "pseudo.scales": (
+        lambda x: len(x) > 0 and all(s > 0 for s in x),
+        "a non-empty list of positive factors",
+    ),
+    "pseudo.high_threshold": _UNIT,
+    "pseudo.low_threshold": _UNIT,
+    "pseudo.aux_high_threshold": _UNIT,
+    "pseudo.aux_low_threshold": _UNIT,
+    "pseudo.seg_temperature": _POSITIVE,
+    "loss.cls_weight": _NON_NEGATIVE,
+    "loss.cls_aux_weight": _NON_NEGATIVE,
+    "loss.seg_weight": _NON_NEGATIVE,
+    "loss.fg_alpha": _UNIT,
+    "loss.aux_cam2seg_mix": _UNIT,
+    "loss.cam_weight": _NON_NEGATIVE,
+    "loss.reg_weight": _NON_NEGATIVE,
+    "loss.crf_sigma_rgb": _POSITIVE,
+    "loss.crf_sigma_xy": _POSITIVE,
+    "loss.crf_window": (lambda x: x >= 3 and x % 2 == 1, "an odd integer >= 3"),
+    "loss.crf_dilation": _AT_LEAST_ONE,
+    "loss.warmup_iters": _NON_NEGATIVE,
+    "loss.warmup_ramp": _NON_NEGATIVE,
+    "reliability.temperature": _POSITIVE,
+    "reliability.beta": _NON_NEGATIVE,
+    "thresholds.queue_images": _AT_LEAST_ONE,
+    "thresholds.stride": _AT_LEAST_ONE,
+    "thresholds.min_value": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
+    "thresholds.ema": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
+    "thresholds.em_iters": _AT_LEAST_ONE,
+    "separation.weight": _NON_NEGATIVE,
+    "separation.temperature": _POSITIVE,
+    "optim.lr": _POSITIVE,
+    "optim.head_lr_scale": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.betas": (lambda x: all(0.0 <= b < 1.0 for b in x), "two values in [0, 1)"),
+    "optim.eps": _POSITIVE,
+    "optim.lr_warmup_iters": _NON_NEGATIVE,
+    "optim.poly_power": _NON_NEGATIVE,
+    "optim.ema_momentum": _UNIT,
+    "train.max_iters": _AT_LEAST_ONE,
+    "train.batch_size": _AT_LEAST_ONE,
+    "train.select_metric": _choice(SELECT_METRICS),
+    "train.supervision": _choice(SUPERVISIONS),
+    "train.seed": _NON_NEGATIVE,
+    "train.eval_every": _AT_LEAST_ONE,
+    "train.log_every": _AT_LEAST_ONE,
+    "train.checkpoint_every": _AT_LEAST_ONE,
+    "train.amp": _choice(AMP_CHOICES),
+    "train.eval_max_images": _NON_NEGATIVE,
+    "train.vis_images": _NON_NEGATIVE,
+}
+
+
+def _value(cfg: CosaConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: CosaConfig) -> CosaConfig:
+    """Check every value against its range and the pairs that must be ordered; return `cfg`.
+
+    Raises:
+        ConfigError: one line naming each bad key, its value and what it accepts.
+    """
+    bad = [
+        f"{key}={_value(cfg, key)!r} (must be {allowed})"
+        for key, (ok, allowed) in _RULES.items()
+        if not ok(_value(cfg, key))
+    ]
+    ordered = (  # (low, high, may they be equal)
+        ("pseudo.low_threshold", "pseudo.high_threshold", False),
+        ("pseudo.aux_low_threshold", "pseudo.aux_high_threshold", False),
+        ("data.scale_min", "data.scale_max", True),
+    )
+    for low, high, equal in ordered:
+        a, b = _value(cfg, low), _value(cfg, high)
+        if a > b or (a == b and not equal):
+            bad.append(f"{low}={a!r} must be below {high}={b!r}")
+    if cfg.thresholds.stride > cfg.data.crop_size:
+        bad.append(
+            f"thresholds.stride={cfg.thresholds.stride} above data.crop_size={cfg.data.crop_size}"
+        )
+    if bad:
+        raise ConfigError(f"invalid config: {'; '.join(bad)}")
+    return cfg
 
 
 def dump_yaml(cfg: CosaConfig, path: Path) -> None:

@@ -4,8 +4,9 @@ Training, evaluation, calibration, `cosa segment` and `cosa stream` all read ima
 `load_image`, so one file gives one array whatever path it takes.
 
 Policy (what is done to each kind of image, so that nothing is changed silently):
-- EXIF orientation is applied (`PIL.ImageOps.exif_transpose`): the array, and so the mask, has
-  the size the image is displayed at.
+- EXIF orientation is applied (`PIL.ImageOps.exif_transpose`): the array has the size and
+  orientation the image is displayed at. `orient_mask` turns a mask the same way, so a dataset's
+  image and mask turn together (`cosa.data.image_io.read_image_and_mask`).
 - Grayscale ("L"), 1-bit ("1"), palette ("P"), CMYK, YCbCr: converted to RGB by Pillow. CMYK uses
   Pillow's plain conversion (embedded ICC profiles are not applied).
 - Alpha (RGBA, LA, PA, palette with transparency): composited onto black, i.e. each colour is
@@ -47,7 +48,10 @@ __all__ = [
     "encode_palette_png",
     "is_image_name",
     "load_image",
+    "load_image_and_orientation",
+    "orient_mask",
     "palette_image",
+    "voc_palette",
 ]
 
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
@@ -70,7 +74,56 @@ class ImageReadError(InputError):
         self.reason = reason
 
 
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag whose value (1-8) says how the stored pixels are turned for display."""
+
+# What `ImageOps.exif_transpose` does to the stored pixels for each orientation value (1: nothing),
+# and the transposition that undoes it (5 and 7 are their own inverse, 6 and 8 each other's).
+_TURN = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_UNDO = {
+    **_TURN,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+"""Orientations that swap width and height."""
+
+
+def orient_mask(mask: np.ndarray, orientation: int, undo: bool = False) -> np.ndarray:
+    """Turn a (H, W) label array as `load_image` turns the image of that EXIF `orientation`.
+
+    Args:
+        mask: uint8 (H, W) ids in the image file's stored pixel grid (or, with `undo`, as
+            displayed).
+        orientation: the EXIF orientation value of the image (1-8; anything else is 1).
+        undo: apply the inverse, from the displayed grid back to the stored one.
+
+    Returns:
+        uint8 (H', W') ids, C-contiguous; values are moved, never interpolated.
+    """
+    method = (_UNDO if undo else _TURN).get(orientation)
+    if method is None:
+        return mask
+    return np.ascontiguousarray(np.asarray(Image.fromarray(mask).transpose(method)))
+
+
 def load_image(path: Path | str) -> np.ndarray:
+    """Decode an image file to RGB at its displayed size (see the module docstring for the policy).
+
+    Same as `load_image_and_orientation(path)[0]`.
+    """
+    return load_image_and_orientation(path)[0]
+
+
+def load_image_and_orientation(path: Path | str) -> tuple[np.ndarray, int]:
     """Decode an image file to RGB at its displayed size (see the module docstring for the policy).
 
     Args:
@@ -78,7 +131,7 @@ def load_image(path: Path | str) -> np.ndarray:
 
     Returns:
         uint8 array (H, W, 3), RGB, 0-255, C-contiguous; H, W as displayed (EXIF orientation
-        applied).
+        applied); and the file's EXIF orientation value (1 when it has none), for `orient_mask`.
 
     Raises:
         ImageReadError: (an `InputError`) missing file, dangling symlink, folder, permission denied,
@@ -89,7 +142,9 @@ def load_image(path: Path | str) -> np.ndarray:
     _check_file(path)
     try:
         with open(path, "rb") as fh:
-            return decode_image(fh)
+            rgb = decode_image(fh)
+            fh.seek(0)
+            return rgb, _exif_orientation(fh)
     except DecodeError as exc:
         raise ImageReadError(path, exc.reason) from exc
     except PermissionError as exc:
@@ -98,6 +153,15 @@ def load_image(path: Path | str) -> np.ndarray:
         raise ImageReadError(path, "is a folder, not an image file") from exc
     except OSError as exc:  # reading failed below Pillow (I/O error, file vanished)
         raise ImageReadError(path, f"cannot read ({exc.strerror or exc})") from exc
+
+
+def _exif_orientation(fh: io.BufferedReader) -> int:
+    """The EXIF orientation value (1-8) of an image `decode_image` accepted; 1 when it has none.
+
+    Read beside the decoder (headers only) so that `cosa.image_decode` stays free of it."""
+    with Image.open(fh, formats=PIL_FORMATS) as image:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    return value if value in _TURN else 1
 
 
 def _check_file(path: Path) -> None:
@@ -152,3 +216,28 @@ def encode_palette_png(mask: np.ndarray, palette: np.ndarray, compress_level: in
     encoded = io.BytesIO()
     palette_image(mask, palette).save(encoded, format="PNG", compress_level=compress_level)
     return encoded.getvalue()
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: the bits of each id spread over the high bits of R, G and B.
+
+    The default palette of masks (datasets without their own colours, a Triton model without an
+    export folder).
+
+    Args:
+        n: number of entries, 1..256. Entry 255 (the ignore id) is (224, 224, 192).
+
+    Returns:
+        uint8 array (n, 3); entry 0 is black, entry 1 (128, 0, 0), entry 2 (0, 128, 0), ...
+
+    Raises:
+        ValueError: `n` outside 1..256 (a programming error, not a user input).
+    """
+    if not 1 <= n <= 256:
+        raise ValueError(f"voc_palette: n must be in 1..256, got {n}")
+    ids = np.arange(n, dtype=np.int64)
+    palette = np.zeros((n, 3), dtype=np.int64)
+    for triple in range(8):  # id bit 3*triple + channel becomes bit 7 - triple of that channel
+        for channel in range(3):
+            palette[:, channel] |= ((ids >> (3 * triple + channel)) & 1) << (7 - triple)
+    return palette.astype(np.uint8)

@@ -21,11 +21,12 @@ from PIL import Image, ImageOps
 
 from cosa.data import read_rgb
 from cosa.errors import DataError, ExportError
+from cosa.export.layout import FILES, Role
 from cosa.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
-CALIB_FILENAME = "calib.npz"
+CALIB_FILENAME = FILES[Role.CALIBRATION]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MIN_CALIBRATION_IMAGES = 8
 """Below this, activation ranges are estimated from too few samples to trust."""

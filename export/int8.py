@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from cosa.choices import CalibrationMethod
 from cosa.errors import ExportError
 from cosa.export.calibration import CalibrationSet
 from cosa.export.onnx_export import check_graph
@@ -44,7 +45,7 @@ from cosa.export.spec import INPUT_NAME, LOGITS_NAME
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("entropy", "percentile", "minmax")
+CALIBRATION_METHODS: tuple[str, ...] = tuple(CalibrationMethod)
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 _CALIB_BATCH = 1  # images per calibration inference
 _MAX_CALIB_STRIDE = 8  # images whose activations are held at once (ViT-B at 448 px: ~0.25 GB each)

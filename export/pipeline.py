@@ -1,17 +1,15 @@
 """`cosa export`: checkpoint -> verified artifact folder (ONNX FP32 [+ FP16 | INT8] [+ TensorRT]).
 
-Folder written (file names are fixed; spec.json `artifact` names the primary one, `extra_artifacts`
-maps every file to its role, keyed by precision for the ONNX files, so a runner can pick one by
-precision and file suffix):
+Folder written (file names and roles: `cosa.export.layout`; spec.json `artifact` names the primary
+file, `extra_artifacts` maps every role to its file):
 
     role          file                   written when
     fp32          model.onnx             always (the verified reference graph)
-    fp32_ort      model.ort.onnx         ort_fusion "on", or "auto" with a ViT backbone: model.onnx
-                                         with onnxruntime's fused transformer ops (onnxruntime only;
-                                         `cosa.export.fusion`), verified against PyTorch too
+    fp32_ort      model.ort.onnx         ort_fusion "on", or "auto" with a ViT backbone (verified
+                                         against PyTorch too; `cosa.export.fusion`)
     fp16          model.fp16.onnx        --precision fp16
-    int8          model.int8.onnx        --precision int8 (symmetric Q/DQ: the TensorRT input)
-    int8_cpu      model.int8_cpu.onnx    --precision int8 (u8s8 QOperator: fast in onnxruntime/x86)
+    int8          model.int8.onnx        --precision int8
+    int8_cpu      model.int8_cpu.onnx    --precision int8 (unless `int8_cpu` is off)
     calibration   calib.npz              --precision int8
     tensorrt      model.plan             --trt (built from the ONNX of --precision)
                   spec.json              always
@@ -43,6 +41,7 @@ import numpy as np
 from torch import nn
 
 from cosa.checkpoint import Checkpoint, load_deploy_model
+from cosa.choices import CalibrationMethod, OrtFusion, Precision
 from cosa.errors import ExportError
 from cosa.export.calibration import (
     CALIB_FILENAME,
@@ -54,7 +53,8 @@ from cosa.export.calibration import (
 )
 from cosa.export.fp16 import convert_to_fp16
 from cosa.export.fusion import NothingToFuseError, fuse_vit, vit_attention_shape
-from cosa.export.int8 import CALIBRATION_METHODS, QUANTIZED_OP_TYPES, quantize_int8
+from cosa.export.int8 import QUANTIZED_OP_TYPES, quantize_int8
+from cosa.export.layout import EXPORT_FILES, FILES, Role, onnx_role
 from cosa.export.onnx_export import DEFAULT_OPSET, export_onnx, validate_opset
 from cosa.export.spec import SPEC_FILENAME, ModelSpec, ShapeProfile, write_spec
 from cosa.export.tensorrt_build import (
@@ -83,28 +83,15 @@ from cosa.files import new_staging_folder, replace_folder
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-FP32_ONNX = "model.onnx"
-FUSED_ONNX = "model.ort.onnx"
-FP16_ONNX = "model.fp16.onnx"
-INT8_ONNX = "model.int8.onnx"
-INT8_CPU_ONNX = "model.int8_cpu.onnx"
-PLAN = "model.plan"
-ONNX_BY_PRECISION = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
-ROLES = {
-    FP32_ONNX: "fp32",
-    FUSED_ONNX: "fp32_ort",
-    FP16_ONNX: "fp16",
-    INT8_ONNX: "int8",
-    INT8_CPU_ONNX: "int8_cpu",
-    CALIB_FILENAME: "calibration",
-    PLAN: "tensorrt",
-}
-EXPORT_FILES = frozenset([*ROLES, SPEC_FILENAME])
-"""Every file name an export folder may hold (what makes a folder safe to replace)."""
+FP32_ONNX = FILES[Role.FP32]
+FUSED_ONNX = FILES[Role.FP32_ORT]
+FP16_ONNX = FILES[Role.FP16]
+INT8_ONNX = FILES[Role.INT8]
+INT8_CPU_ONNX = FILES[Role.INT8_CPU]
+PLAN = FILES[Role.TENSORRT]
+ROLES = {name: role for role, name in FILES.items()}  # file name -> role
 
 _RANDOM_IMAGES = "uniform random RGB in [0, 255], seed 0"
-ORT_FUSION_MODES = ("off", "auto", "on")
 
 
 def parse_shape(text: str, option: str = "shape") -> tuple[int, int, int]:
@@ -179,9 +166,9 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         """Raises: ExportError for any invalid or inconsistent option."""
-        if self.precision not in PRECISIONS:
+        if self.precision not in set(Precision):
             raise ExportError(
-                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
+                f"--precision {self.precision!r} is not one of {', '.join(Precision)}"
             )
         if self.precision == "int8" and self.calib_dir is None:
             raise ExportError(
@@ -192,8 +179,8 @@ class ExportOptions:
             raise ExportError(f"--calib is only used with --precision int8, not {self.precision}")
         if self.precision != "int8" and self.exclude_nodes:
             raise ExportError("--exclude-node only applies to --precision int8")
-        if self.calib_method not in CALIBRATION_METHODS:
-            choices = ", ".join(CALIBRATION_METHODS)
+        if self.calib_method not in set(CalibrationMethod):
+            choices = ", ".join(CalibrationMethod)
             raise ExportError(f"--calib-method {self.calib_method!r} is not one of {choices}")
         if self.calib_size < MIN_CALIBRATION_IMAGES:
             raise ExportError(
@@ -206,9 +193,9 @@ class ExportOptions:
             raise ExportError(
                 f"workspace {self.workspace_mib} MiB is invalid; pass a positive size in MiB"
             )
-        if self.ort_fusion not in ORT_FUSION_MODES:
+        if self.ort_fusion not in set(OrtFusion):
             raise ExportError(
-                f"ort_fusion {self.ort_fusion!r} is not one of {', '.join(ORT_FUSION_MODES)}"
+                f"ort_fusion {self.ort_fusion!r} is not one of {', '.join(OrtFusion)}"
             )
         if not self.verify_shapes or any(len(s) != 3 or min(s) < 1 for s in self.verify_shapes):
             raise ExportError(f"verify_shapes {self.verify_shapes} must be (N, H, W) triples >= 1")
@@ -391,7 +378,7 @@ def _build(
 
     shutil.rmtree(work)
     warnings += [message for report in reports for message in report.failures]
-    primary = PLAN if options.trt else ONNX_BY_PRECISION[options.precision]
+    primary = PLAN if options.trt else FILES[onnx_role(options.precision)]
     spec = ModelSpec(
         class_names=tuple(ckpt.class_names),
         palette=tuple(tuple(int(c) for c in rgb) for rgb in ckpt.palette),
@@ -407,7 +394,7 @@ def _build(
         backbone=ckpt.config.model.backbone,
         tensorrt_version=engine.tensorrt_version if engine else None,
         gpu_name=engine.gpu_name if engine else None,
-        extra_artifacts={ROLES[name]: name for name in written},
+        extra_artifacts={str(ROLES[name]): name for name in written},
     )
     return spec, tuple(warnings)
 
@@ -489,7 +476,7 @@ def _tensorrt_artifact(
     stage: Path, options: ExportOptions
 ) -> tuple[EngineInfo, VerificationReport]:
     """model.plan from the ONNX of `options.precision`, compared with it in onnxruntime."""
-    source = stage / ONNX_BY_PRECISION[options.precision]
+    source = stage / FILES[onnx_role(options.precision)]
     engine = build_engine(
         source,
         stage / PLAN,

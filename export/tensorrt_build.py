@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from cosa.choices import Precision
 from cosa.errors import ExportError
 from cosa.export import tensorrt_engine
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ShapeProfile
@@ -45,7 +46,7 @@ _PURPOSE = "--trt"
 _FALLBACK = "export without --trt here and build the engine on the GPU machine"
 
 DEFAULT_WORKSPACE_MIB = 4096
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS: tuple[str, ...] = tuple(Precision)
 
 # TensorRT 10 builder flags per ONNX precision (see the module docstring); 11 takes none.
 _TRT10_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}

@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cosa.choices import MaskFormat
 from cosa.errors import ConfigError, CosaError, MissingDependencyError, ServingError
 from cosa.serving.discovery import InputItem
-from cosa.serving.masks import MaskFormat, palette_lut
+from cosa.serving.masks import palette_lut
 from cosa.serving.runners import Runner, open_runner
 from cosa.serving.segment import (
     Failure,

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cosa.choices import Backend, WireProtocol, parse_choice
 from cosa.errors import ConfigError, MissingDependencyError, ServingError
+from cosa.export.layout import ArtifactChoice, Machine, Runtime, open_artifact
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, SPEC_FILENAME, ModelSpec, read_spec
+from cosa.images import voc_palette
 from cosa.serving.runner import LocalRunner, Runner, check_images, images_to_batch
 from cosa.serving.triton_names import DEFAULT_MODEL_NAME
 
@@ -29,121 +32,25 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "BACKENDS",
     "DEFAULT_TRITON_MODEL",
-    "PROTOCOLS",
     "LocalRunner",
     "OnnxRuntimeRunner",
     "Runner",
     "TorchRunner",
     "check_images",
     "default_spec",
-    "fused_variant",
+    "describe_runner",
     "images_to_batch",
+    "logits_predictor",
     "open_runner",
-    "resolve_artifact",
-    "voc_palette",
 ]
 
 log = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt", "triton")
-PROTOCOLS: tuple[str, ...] = ("grpc", "http")
 DEFAULT_TRITON_MODEL = DEFAULT_MODEL_NAME  # `cosa triton repo`'s default model name
 
 
 # ------------------------------------------------------------------------------------- onnxruntime
-
-
-def resolve_artifact(
-    model: Path, suffix: str, precision: str | None = None
-) -> tuple[Path, ModelSpec]:
-    """Find the artifact file and its spec for an export folder or a file inside one.
-
-    Args:
-        model: an export folder (holding spec.json) or an artifact file with spec.json beside it.
-        suffix: ".onnx" or ".plan", the kind of file the caller runs.
-        precision: with a folder, pick the artifact of this precision ("fp32", "fp16", "int8"): the
-            main one if `spec.precision` matches, else an `extra_artifacts` entry whose key is the
-            precision or starts with "<precision>_" (e.g. "int8_cpu").
-
-    Returns:
-        (artifact path, spec).
-
-    Raises:
-        ConfigError: missing path, wrong kind of file, unknown precision (the message lists the
-            available ones).
-        ExportError: spec.json missing or invalid.
-    """
-    if not model.exists():
-        raise ConfigError(
-            f"model {model} does not exist; pass an export folder written by `cosa export`"
-        )
-    if model.is_file():
-        if model.suffix.lower() != suffix:
-            raise ConfigError(
-                f"model {model} is not a {suffix} file; pass the export folder instead"
-            )
-        if precision is not None:
-            raise ConfigError(
-                f"--precision picks a file inside an export folder; pass {model.parent} instead of "
-                f"{model.name}, or drop --precision"
-            )
-        if not (model.parent / SPEC_FILENAME).is_file():
-            raise ConfigError(
-                f"{model} has no {SPEC_FILENAME} beside it (class names and palette come from it); "
-                "pass the folder written by `cosa export`"
-            )
-        return model, read_spec(model.parent)
-    spec = read_spec(model)
-    # Candidates in priority order: the primary artifact, then the extras (role -> file name).
-    candidates = [(spec.precision, spec.artifact), *spec.extra_artifacts.items()]
-    runnable = [(k, n) for k, n in candidates if n.lower().endswith(suffix)]
-    if precision is None:
-        # The primary artifact when this backend runs it; else (e.g. a model.plan primary opened
-        # with onnxruntime) the ONNX of the same precision, then the FP32 one.
-        ranked = [(k, n) for k, n in runnable if n == spec.artifact]
-        ranked += [(k, n) for k, n in runnable if k == spec.precision] + [
-            (k, n) for k, n in runnable if k == "fp32"
-        ]
-    else:
-        ranked = [(k, n) for k, n in runnable if k == precision or k.startswith(f"{precision}_")]
-    if not ranked:
-        available = ", ".join(f"{k} ({n})" for k, n in dict(candidates).items())
-        wanted = f"{precision} " if precision else ""
-        raise ConfigError(
-            f"{model} has no {wanted}artifact; available: {available}"
-            + (
-                f" (this backend runs {suffix} files; a .plan runs with --backend tensorrt)"
-                if suffix != ".plan"
-                else ""
-            )
-        )
-    name = ranked[0][1]
-    path = model / name
-    if path.suffix.lower() != suffix:
-        kind = "a TensorRT engine (--backend tensorrt)" if name.endswith(".plan") else f"'{name}'"
-        raise ConfigError(f"{model} holds {kind}, not a {suffix} file for this backend")
-    if not path.is_file():
-        raise ConfigError(
-            f"{path} named by {model / SPEC_FILENAME} is missing; re-export the model"
-        )
-    return path, spec
-
-
-def fused_variant(path: Path, spec: ModelSpec) -> Path:
-    """The onnxruntime-fused FP32 graph (role "fp32_ort") instead of `path` if `path` is the
-    export's FP32 ONNX and spec.json lists a fused one; else `path`. A listed but missing fused
-    file is logged and `path` used (it computes the same, slower)."""
-    fused = spec.extra_artifacts.get("fp32_ort")
-    if fused is None or path.name != spec.extra_artifacts.get("fp32", "model.onnx"):
-        return path
-    candidate = path.parent / fused
-    if not candidate.is_file():
-        log.warning("spec.json lists %s but it is missing; using %s", candidate, path.name)
-        return path
-    log.info("using %s (onnxruntime-fused) for %s", candidate, path.name)
-    return candidate
 
 
 class OnnxRuntimeRunner(LocalRunner):
@@ -165,7 +72,8 @@ class OnnxRuntimeRunner(LocalRunner):
 
         Args:
             model: export folder (spec.json + model.onnx) or a .onnx file with spec.json beside it.
-            precision: artifact precision to pick from the folder (see `resolve_artifact`).
+            precision: precision to run, from a folder (`cosa.export.layout.choose_artifact`
+                picks the file for it on this device); default the export's.
             providers: onnxruntime execution providers in priority order; default CUDA then CPU
                 when the CUDA provider is installed, else CPU.
             intra_op_threads: threads inside one operator; 0: one per physical core
@@ -181,22 +89,20 @@ class OnnxRuntimeRunner(LocalRunner):
                 (on 2 shared cores, spinning halved both model-only and end-to-end images/s of
                 the tiny test model).
             return_logits: also return "logits" (costs a (N, K, H, W) copy per batch).
-            fused: when `model` is a folder and the FP32 graph is picked, run its
-                onnxruntime-fused variant (spec.json role "fp32_ort", model.ort.onnx) if the
-                export wrote one: the same network verified against PyTorch, faster in
-                onnxruntime (benchmarks/results/inference.md). A file path runs as given.
+            fused: when `model` is a folder and FP32 is run, allow its onnxruntime-fused
+                graph (spec.json role "fp32_ort", model.ort.onnx) if the export wrote one: the
+                same network verified against PyTorch, faster in onnxruntime
+                (benchmarks/results/inference.md). A file path runs as given.
 
         Raises:
-            ConfigError, ExportError: see `resolve_artifact`; unknown provider.
+            ConfigError, ExportError: see `cosa.export.layout.open_artifact`; unknown
+                provider.
             ServingError: the file is not a loadable ONNX model or its tensor names disagree with
                 spec.json.
         """
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-        self.path, self._spec = resolve_artifact(Path(model), ".onnx", precision)
-        if fused and Path(model).is_dir():
-            self.path = fused_variant(self.path, self._spec)
         available = ort.get_available_providers()
         if providers is None:
             preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -206,6 +112,15 @@ class OnnxRuntimeRunner(LocalRunner):
             raise ConfigError(
                 f"onnxruntime providers {unknown} are not installed; available: {available}"
             )
+        # The file depends on where it runs (INT8: the CPU file on a CPU, Q/DQ on a GPU).
+        device = "cuda" if list(providers)[:1] == ["CUDAExecutionProvider"] else "cpu"
+        self.artifact: ArtifactChoice
+        self.artifact, self._spec = open_artifact(
+            Path(model), Runtime.ONNXRUNTIME, precision, Machine(device), fused=fused
+        )
+        self.path = self.artifact.path
+        if self.artifact.warning:
+            log.warning("%s", self.artifact.warning)
         if parallel_calls < 1:
             raise ConfigError(f"parallel_calls must be at least 1, got {parallel_calls}")
         if parallel_calls > 1 and intra_op_threads == 0:
@@ -340,6 +255,10 @@ class TorchRunner(LocalRunner):
     def spec(self) -> ModelSpec:
         return self._spec
 
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """See `Runner.infer`.
 
@@ -380,8 +299,8 @@ def open_runner(
         model: export folder, .onnx/.plan file, or checkpoint .pt; with backend "triton" optional
             (an export folder or spec.json, for class names and palette; else the client asks the
             server).
-        backend: one of `BACKENDS`. "auto": .pt -> torch, .plan (or a folder whose spec names one)
-            -> tensorrt, otherwise onnxruntime.
+        backend: a `cosa.choices.Backend`. "auto": .pt -> torch, .plan (or a folder whose spec
+            names one) -> tensorrt, otherwise onnxruntime.
         url: Triton "HOST:PORT" (backend "triton" only).
         protocol: "grpc" or "http" (backend "triton" only).
         precision: artifact precision inside an export folder (onnxruntime only).
@@ -401,8 +320,7 @@ def open_runner(
         MissingDependencyError: TensorRT, CUDA or tritonclient missing.
         ServingError: the artifact does not load, or the Triton server is not reachable / ready.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend = parse_choice(Backend, backend, "backend").value
     if backend != "triton" and url is not None:
         raise ConfigError(f"--url is for --backend triton; backend {backend!r} runs locally")
     if backend == "triton":
@@ -431,8 +349,7 @@ def open_runner(
     if backend == "tensorrt":
         from cosa.serving.tensorrt_runner import TensorRTRunner  # lazy: imports torch
 
-        plan, spec = resolve_artifact(model, ".plan")
-        return TensorRTRunner(plan, spec, return_logits=return_logits)
+        return TensorRTRunner(model, return_logits=return_logits)
     if model.is_file() and model.suffix.lower() == ".pt":
         raise ConfigError(
             f"{model} is a checkpoint; run it with --backend torch, or export it first "
@@ -445,6 +362,42 @@ def open_runner(
         parallel_calls=parallel_calls,
         return_logits=return_logits,
     )
+
+
+def logits_predictor(runner: Runner) -> Callable[[np.ndarray], np.ndarray]:
+    """`runner` as an evaluation predictor: one uint8 image (H, W, 3) -> float32 logits
+    (K, H, W). The runner must have been opened with `return_logits=True`."""
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        return runner.infer(images_to_batch([image]))[LOGITS_NAME][0]
+
+    return predict
+
+
+def describe_runner(runner: Runner) -> dict[str, Any]:
+    """What a runner runs, for `--json` reports: `ArtifactChoice.to_json()` for a file of an
+    export folder; the checkpoint for torch; the server, model and protocol for Triton."""
+    artifact: ArtifactChoice | None = getattr(runner, "artifact", None)
+    if artifact is not None:
+        return artifact.to_json()
+    if isinstance(runner, TorchRunner):
+        return {
+            "file": runner.spec.source_checkpoint,
+            "role": "checkpoint",
+            "precision": "fp32",
+            "runtime": "torch",
+            "device": str(runner.device),
+        }
+    url = getattr(runner, "url", None)
+    if url is not None:
+        return {
+            "runtime": "triton",
+            "url": url,
+            "protocol": str(getattr(runner, "protocol", "")),
+            "model": getattr(runner, "model_name", None),
+            "file": None,  # the server's: `cosa triton repo --json` reports it
+        }
+    return {"runtime": type(runner).__name__}
 
 
 def default_parallel_calls() -> int:
@@ -468,8 +421,7 @@ def _guess_backend(model: Path) -> str:
 def _open_triton(model: Path | None, url: str | None, protocol: str, triton_model: str) -> Runner:
     if not url:
         raise ConfigError("--backend triton needs --url HOST:PORT (e.g. localhost:8001 for gRPC)")
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    protocol = parse_choice(WireProtocol, protocol, "protocol").value
     spec = None
     if model is not None:
         model = Path(model)
@@ -513,20 +465,5 @@ def default_spec(num_classes: int) -> ModelSpec:
     """
     return ModelSpec(
         class_names=tuple(f"class_{i}" for i in range(num_classes)),
-        palette=voc_palette(num_classes),
+        palette=tuple(tuple(int(c) for c in rgb) for rgb in voc_palette(num_classes)),
     )
-
-
-def voc_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
-    """The PASCAL VOC colour map: id bits spread over the high bits of R, G, B (0 is black)."""
-    colours = []
-    for index in range(num_classes):
-        r = g = b = 0
-        code = index
-        for bit in range(7, -1, -1):
-            r |= (code & 1) << bit
-            g |= ((code >> 1) & 1) << bit
-            b |= ((code >> 2) & 1) << bit
-            code >>= 3
-        colours.append((r, g, b))
-    return tuple(colours)

@@ -44,14 +44,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cosa.choices import MaskFormat, parse_choice
 from cosa.errors import ConfigError, InputError, ServingError
 from cosa.export.spec import MASK_NAME
 from cosa.images import SUPPORTED_SUFFIXES, ImageReadError, load_image
 from cosa.serving.background import ordered_calls, prefetch
 from cosa.serving.discovery import InputItem, discover_inputs
 from cosa.serving.masks import (
-    MASK_FORMATS,
-    MaskFormat,
     mask_path,
     overlay_path,
     palette_lut,
@@ -294,8 +293,7 @@ def check_segment_options(
             f"batch size ({batch_size}), worker counts ({decode_workers}, {encode_workers}) and "
             f"max_in_flight ({max_in_flight}) must be at least 1"
         )
-    if fmt not in MASK_FORMATS:
-        raise ConfigError(f"unknown mask format {fmt!r}; choose one of {', '.join(MASK_FORMATS)}")
+    parse_choice(MaskFormat, fmt, "mask format")  # raises ConfigError listing the choices
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cosa.errors import InputError
+from cosa.export.layout import Runtime, open_artifact
 from cosa.export.spec import LOGITS_NAME, MASK_NAME, ModelSpec
 from cosa.export.tensorrt_engine import Engine
 from cosa.serving.runner import LocalRunner, check_images
@@ -31,8 +32,7 @@ class TensorRTRunner(LocalRunner):
 
     def __init__(
         self,
-        plan: Path,
-        spec: ModelSpec,
+        model: Path,
         *,
         device_index: int = 0,
         return_logits: bool = False,
@@ -40,18 +40,20 @@ class TensorRTRunner(LocalRunner):
         """Deserialize the engine on GPU `device_index`.
 
         Args:
-            plan: the `.plan` file (`runners.open_runner` finds it in an export folder).
-            spec: the export's spec.json (class names, palette, where the engine was built).
+            model: an export folder (its engine is chosen by `cosa.export.layout`), or a `.plan`
+                file with spec.json beside it.
             device_index: CUDA device the engine is loaded on and runs on.
             return_logits: also return "logits".
 
         Raises:
             MissingDependencyError: TensorRT or a CUDA GPU is missing.
-            ConfigError: no GPU `device_index`.
+            ConfigError, ExportError: see `cosa.export.layout.open_artifact`; no GPU
+                `device_index`.
             EngineError: (a `ServingError`) the engine does not deserialize (other TensorRT
                 version or GPU) or lacks the deploy graph's tensors.
         """
-        self.path, self._spec = Path(plan), spec
+        self.artifact, self._spec = open_artifact(Path(model), Runtime.TENSORRT)
+        self.path = self.artifact.path
         built = f"TensorRT {self._spec.tensorrt_version or '?'} on {self._spec.gpu_name or '?'}"
         self._engine = Engine(
             self.path,

@@ -27,10 +27,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
+from cosa.choices import WireProtocol
 from cosa.errors import InputError, ServingError
 from cosa.export.spec import (
     INPUT_NAME,
@@ -50,7 +51,6 @@ from cosa.serving.triton_names import (
 )
 
 __all__ = [
-    "Protocol",
     "TritonSegmentationClient",
     "bucket_by_size",
     "is_transient",
@@ -59,7 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Protocol = Literal["grpc", "http"]
 T = TypeVar("T")
 
 _TRANSIENT_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.ABORTED")
@@ -169,7 +168,7 @@ class TritonSegmentationClient:
     def __init__(
         self,
         url: str,
-        protocol: Protocol = "grpc",
+        protocol: WireProtocol | str = WireProtocol.GRPC,
         model_name: str = DEFAULT_MODEL_NAME,
         spec: ModelSpec | None = None,
         timeout_s: float = 60.0,
@@ -198,8 +197,9 @@ class TritonSegmentationClient:
             ServingError: server unreachable or not ready, model missing or not ready, or model
                 metadata that disagrees with the spec.
         """
-        if protocol not in ("grpc", "http"):
+        if protocol not in set(WireProtocol):
             raise ServingError(f"unknown protocol {protocol!r}; choose grpc or http")
+        protocol = WireProtocol(protocol)
         self.url = url.split("://", 1)[-1].rstrip("/")
         self.protocol = protocol
         self.model_name = model_name

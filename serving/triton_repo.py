@@ -18,12 +18,14 @@ Platforms and where their instances run (`instance_group.kind`):
     python       backend python running onnxruntime's CPU provider, KIND_CPU: for servers without
                  the onnxruntime backend, such as the embedded one of `cosa triton serve`.
 
-Which file a platform serves: tensorrt the export's model.plan; onnxruntime and python the ONNX of
-the export's precision, and for FP32 the onnxruntime-fused graph model.ort.onnx (spec.json role
-"fp32_ort", written by `cosa export` for ViT backbones) when there is one: the same network,
-verified against PyTorch at export, with com.microsoft contrib ops that only onnxruntime runs. With
-TensorRT as onnxruntime's accelerator (`ort_tensorrt`) the plain model.onnx is served: TensorRT
-does not take those ops. The file is always named model.onnx in the version folder.
+Which file a platform serves is `cosa.export.layout.choose_artifact`'s answer, the one `cosa
+segment` gets, for the precision asked (default the export's) and the device the instances run on:
+tensorrt the export's model.plan; onnxruntime and python for FP32 the onnxruntime-fused graph
+model.ort.onnx when the export wrote one (the plain model.onnx with TensorRT as onnxruntime's
+accelerator, `ort_tensorrt`: TensorRT takes no contrib ops), for INT8 model.int8_cpu.onnx on CPU
+instances (python, KIND_CPU) and on KIND_AUTO ones (accurate on either device), the Q/DQ
+model.int8.onnx on KIND_GPU instances and under `ort_tensorrt`. The file is always named
+model.onnx in the version folder; `RepositoryLayout.artifact` records which it was.
 
 Sizes: the model accepts any (H, W) but Triton only batches requests whose shapes match, so clients
 bucket images by size. The ensemble takes the images of one request as one tensor, so they must
@@ -42,8 +44,17 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
+from cosa.choices import InstanceKind, Platform, parse_choice
+from cosa.errors import ConfigError, ServingError
+from cosa.export.layout import (
+    ArtifactChoice,
+    ArtifactMissingError,
+    Machine,
+    Runtime,
+    choose_artifact,
+)
 from cosa.export.spec import (
     INPUT_NAME,
     LOGITS_NAME,
@@ -54,7 +65,6 @@ from cosa.export.spec import (
     read_spec,
 )
 from cosa.files import new_staging_folder, replace_folder
-from cosa.serving.runners import fused_variant
 from cosa.serving.triton_names import (
     DEFAULT_MODEL_NAME,
     ENSEMBLE_INPUT_NAME,
@@ -69,12 +79,8 @@ from cosa.triton_models import read_template
 if TYPE_CHECKING:
     import onnx
 
-from cosa.errors import ServingError
-
 __all__ = [
     "LAYOUT_FILENAME",
-    "PLATFORMS",
-    "Platform",
     "RepositoryLayout",
     "read_layout",
     "write_repository",
@@ -82,9 +88,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Platform = Literal["onnxruntime", "tensorrt", "python"]
-InstanceKind = Literal["auto", "cpu", "gpu"]
-PLATFORMS: tuple[str, ...] = ("onnxruntime", "tensorrt", "python")
 
 LAYOUT_FILENAME = "cosa_repository.json"
 DECODER_MODULE = "cosa_image_decode"  # cosa/image_decode.py as preprocess_model.py imports it
@@ -106,13 +109,15 @@ class _Runtime:
     kinds: tuple[InstanceKind, ...]  # allowed instance kinds
 
 
+_AUTO, _CPU, _GPU = InstanceKind.AUTO, InstanceKind.CPU, InstanceKind.GPU
 _RUNTIMES = {
-    "onnxruntime": _Runtime(
-        "runtime_onnxruntime.pbtxt", ".onnx", "model.onnx", "auto", ("auto", "cpu", "gpu")
+    Platform.ONNXRUNTIME: _Runtime(
+        "runtime_onnxruntime.pbtxt", ".onnx", "model.onnx", _AUTO, (_AUTO, _CPU, _GPU)
     ),
-    "tensorrt": _Runtime("runtime_tensorrt.pbtxt", ".plan", "model.plan", "gpu", ("gpu",)),
-    "python": _Runtime("runtime_python.pbtxt", ".onnx", "model.onnx", "cpu", ("cpu",)),
+    Platform.TENSORRT: _Runtime("runtime_tensorrt.pbtxt", ".plan", "model.plan", _GPU, (_GPU,)),
+    Platform.PYTHON: _Runtime("runtime_python.pbtxt", ".onnx", "model.onnx", _CPU, (_CPU,)),
 }
+_DEVICES = {_AUTO: "any", _CPU: "cpu", _GPU: "cuda"}  # instance kind -> `Machine.device`
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class RepositoryLayout:
     postprocess: str | None
     ensemble: str | None  # model that takes encoded image bytes
     max_batch: int
+    artifact: dict[str, object] | None = None  # `ArtifactChoice.to_json()` of the served file
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -160,6 +166,7 @@ def read_layout(repo: Path) -> RepositoryLayout:
             postprocess=data.get("postprocess"),
             ensemble=data.get("ensemble"),
             max_batch=int(data["max_batch"]),
+            artifact=data.get("artifact"),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ServingError(
@@ -170,14 +177,15 @@ def read_layout(repo: Path) -> RepositoryLayout:
 def write_repository(
     artifact_dir: Path,
     out: Path,
-    platform: Platform = "onnxruntime",
+    platform: Platform | str = Platform.ONNXRUNTIME,
     max_batch: int = 8,
     instances: int = 1,
     preferred_batch: Sequence[int] = (),
     max_queue_delay_us: int = 100,
     model_name: str = DEFAULT_MODEL_NAME,
     *,
-    instance_kind: InstanceKind | None = None,
+    instance_kind: InstanceKind | str | None = None,
+    precision: str | None = None,
     ensemble: bool = True,
     warmup: bool = True,
     ort_threads: int = 0,
@@ -205,6 +213,8 @@ def write_repository(
         max_queue_delay_us: how long the dynamic batcher waits to fill a batch, microseconds.
         model_name: name of the segmentation model; the other models get suffixes.
         instance_kind: "auto", "cpu" or "gpu"; default by platform (see module docstring).
+        precision: "fp32", "fp16" or "int8": the network to serve (the file is the artifact
+            chooser's for the platform and instance kind); default the export's precision.
         ensemble: also write the bytes-in / PNG-out ensemble and its two python models.
         warmup: warm the segmentation model up with one zero image of the spec's opt shape.
         ort_threads: onnxruntime intra-op threads of the python platform (0 = one per core).
@@ -215,10 +225,15 @@ def write_repository(
         The layout that was written.
 
     Raises:
-        ServingError: invalid option, missing artifact file, an ONNX whose inputs/outputs
-            disagree with spec.json, or `out` exists.
+        ServingError: invalid option, missing artifact file (or none of `precision`), an ONNX
+            whose inputs/outputs disagree with spec.json, or `out` exists.
         ExportError: `spec.json` missing or invalid.
     """
+    platform = parse_choice(Platform, platform, "platform", ServingError).value
+    if instance_kind is not None:
+        instance_kind = parse_choice(
+            InstanceKind, instance_kind, "instance kind", ServingError
+        ).value
     runtime = _check_options(
         platform,
         max_batch,
@@ -233,9 +248,11 @@ def write_repository(
     _check_out(out, overwrite)
     spec = read_spec(artifact_dir)
     _check_spec(spec, platform, max_batch, ensemble)
-    artifact = _find_artifact(artifact_dir, spec, platform, runtime)
-    if runtime.suffix == ".onnx" and not ort_tensorrt:
-        artifact = fused_variant(artifact, spec)
+    kind = parse_choice(InstanceKind, instance_kind or runtime.default_kind, "instance kind")
+    choice = _choose(artifact_dir, spec, platform, kind, precision, ort_tensorrt)
+    artifact = choice.path
+    if choice.warning:
+        logger.warning("%s", choice.warning)
     companions = _check_onnx(artifact, spec) if runtime.suffix == ".onnx" else ()
 
     layout = RepositoryLayout(
@@ -246,6 +263,7 @@ def write_repository(
         postprocess=postprocess_model_name(model_name) if ensemble else None,
         ensemble=ensemble_model_name(model_name) if ensemble else None,
         max_batch=max_batch,
+        artifact=choice.to_json(),
     )
     values = _template_values(spec, layout, max_queue_delay_us, instances)
     seg_config = _segmentation_config(
@@ -253,7 +271,7 @@ def write_repository(
         spec,
         runtime,
         preferred_batch,
-        instance_kind or runtime.default_kind,
+        kind,
         warmup,
         ort_threads,
         ort_tensorrt,
@@ -299,9 +317,7 @@ def _check_options(
     ort_tensorrt: bool,
 ) -> _Runtime:
     """Validates the options that do not need the artifact; returns the platform's runtime."""
-    if platform not in _RUNTIMES:
-        raise ServingError(f"unknown platform {platform!r}; choose one of {', '.join(PLATFORMS)}")
-    runtime = _RUNTIMES[platform]
+    runtime = _RUNTIMES[parse_choice(Platform, platform, "platform", ServingError)]
     if max_batch < 1:
         raise ServingError(
             f"max batch {max_batch} must be >= 1: dynamic batching needs a batch dimension"
@@ -369,18 +385,35 @@ def _check_spec(spec: ModelSpec, platform: str, max_batch: int, ensemble: bool) 
         )
 
 
-def _find_artifact(artifact_dir: Path, spec: ModelSpec, platform: str, runtime: _Runtime) -> Path:
-    """The artifact file the platform serves: spec.artifact if it fits, else model.onnx/.plan."""
-    name = spec.artifact if spec.artifact.endswith(runtime.suffix) else runtime.model_file
-    path = artifact_dir / name
-    if not path.is_file():
-        how = (
-            "build the engine with `cosa export ... --trt` on the serving GPU"
-            if platform == "tensorrt"
-            else "export the model with `cosa export`"
-        )
-        raise ServingError(f"{path} not found: platform {platform!r} serves a {name}; {how}")
-    return path
+def _choose(
+    artifact_dir: Path,
+    spec: ModelSpec,
+    platform: str,
+    kind: InstanceKind,
+    precision: str | None,
+    ort_tensorrt: bool,
+) -> ArtifactChoice:
+    """The file the platform serves (`choose_artifact`, for the device its instances run on).
+
+    Raises:
+        ServingError: the export has no such file, or an unknown precision.
+    """
+    if platform == Platform.TENSORRT:
+        runtime = Runtime.TENSORRT
+    elif ort_tensorrt:
+        runtime = Runtime.ONNXRUNTIME_TENSORRT
+    else:
+        runtime = Runtime.ONNXRUNTIME
+    machine = Machine("cuda" if runtime is not Runtime.ONNXRUNTIME else _DEVICES[kind])
+    try:
+        return choose_artifact(artifact_dir, spec, runtime, precision, machine)
+    except ArtifactMissingError as exc:
+        raise ServingError(
+            f"{artifact_dir / exc.file} not found: platform {platform!r} serves a {exc.file}; "
+            f"{exc.fix} (the export has: {exc.available})"
+        ) from exc
+    except ConfigError as exc:
+        raise ServingError(str(exc)) from exc
 
 
 def _check_onnx(path: Path, spec: ModelSpec) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
 """Shared test doubles for the local serving tests (tests/test_serving_local_*, test_segment_*,
-test_stream_*): the tiny real model exported once, and a fast content-dependent fake runner.
+test_stream_*, test_artifact_choice, test_benchmark): the tiny real model exported once, a fast
+content-dependent fake runner, and export folders of one-Conv graphs written in milliseconds.
 
 The tiny model is the real deploy network (`DeployModel` of a ViT-Ti/16 with a 16-channel decoder,
 3 foreground classes, random weights from a fixed seed), exported with the dynamo exporter and
@@ -24,7 +25,9 @@ import numpy as np
 import pytest
 
 from cosa.errors import InputError
-from cosa.export.spec import MASK_NAME, ModelSpec
+from cosa.export.layout import FILES, Role
+from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec, write_spec
+from cosa.images import voc_palette
 
 CLASS_NAMES = ("background", "circle", "square", "triangle")
 PALETTE = ((0, 0, 0), (200, 30, 30), (30, 200, 30), (30, 30, 200))
@@ -185,3 +188,67 @@ def expected_fake_mask_nchw(images: np.ndarray) -> np.ndarray:
 def expected_fake_mask(rgb: np.ndarray) -> np.ndarray:
     """FakeRunner's mask for one uint8 (H, W, 3) image -> (H, W)."""
     return (rgb[..., 0] // 64).astype(np.int32)
+
+
+# ------------------------------------------------------------------------ one-Conv export folders
+
+# Roles each export precision writes besides model.onnx (cosa.export.pipeline).
+WRITTEN = {
+    "fp32": (Role.FP32, Role.FP32_ORT),
+    "fp16": (Role.FP32, Role.FP32_ORT, Role.FP16),
+    "int8": (Role.FP32, Role.FP32_ORT, Role.INT8, Role.INT8_CPU),
+}
+
+
+def conv_graph(path: Path, scale: float) -> None:
+    """A deploy graph: 1x1 Conv of the RGB input to K logits (weights times `scale`), argmax;
+    K is the synthetic benchmark's class count."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cosa.data import SYNTH_CLASSES
+
+    k = len(SYNTH_CLASSES)
+    weight = np.random.default_rng(0).normal(size=(k, 3, 1, 1)).astype(np.float32) * scale
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", [INPUT_NAME, "weight"], [LOGITS_NAME]),
+            helper.make_node("ArgMax", [LOGITS_NAME], ["ids"], axis=1, keepdims=0),
+            helper.make_node("Cast", ["ids"], [MASK_NAME], to=TensorProto.INT32),
+        ],
+        "conv",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [
+            helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["N", k, "H", "W"]),
+            helper.make_tensor_value_info(MASK_NAME, TensorProto.INT32, ["N", "H", "W"]),
+        ],
+        [numpy_helper.from_array(weight, "weight")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def make_export(folder: Path, precision: str, plan: bool) -> Path:
+    """An export folder as `cosa export --precision P [--trt]` lays it out, with the synthetic
+    benchmark's classes; every ONNX file a `conv_graph` of its own weights."""
+    from cosa.data import SYNTH_CLASSES
+
+    folder.mkdir(parents=True)
+    roles = list(WRITTEN[precision])
+    for i, role in enumerate(roles):
+        conv_graph(folder / FILES[role], scale=1.0 + i)
+    if plan:
+        (folder / FILES[Role.TENSORRT]).write_bytes(b"engine bytes")
+        roles.append(Role.TENSORRT)
+    primary = (
+        Role.TENSORRT if plan else {"fp32": Role.FP32, "fp16": Role.FP16}.get(precision, Role.INT8)
+    )
+    palette = tuple(tuple(int(c) for c in rgb) for rgb in voc_palette(len(SYNTH_CLASSES)))
+    spec = ModelSpec(
+        class_names=SYNTH_CLASSES,
+        palette=palette,
+        precision=precision,
+        artifact=FILES[primary],
+        extra_artifacts={str(role): FILES[role] for role in roles},
+    )
+    write_spec(spec, folder)
+    return folder

@@ -1,5 +1,6 @@
 """Config: presets, strict overrides with suggestions, YAML round trip."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,54 @@ def test_yaml_round_trip_and_file_errors(tmp_path: Path) -> None:
     (tmp_path / "typo.yaml").write_text("train:\n  max_iter: 5\n")
     with pytest.raises(ConfigError, match="did you mean 'max_iters'"):
         resolve("demo", tmp_path / "typo.yaml")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("separation.temperature", 0, "> 0"),
+        ("reliability.temperature", -0.1, "> 0"),
+        ("loss.crf_window", 4, "an odd integer >= 3"),
+        ("loss.crf_dilation", 0, ">= 1"),
+        ("loss.crf_sigma_rgb", 0, "> 0"),
+        ("loss.crf_sigma_xy", -1, "> 0"),
+        ("pseudo.scales", [1.0, 0.0], "a non-empty list of positive factors"),
+        ("pseudo.scales", [], "a non-empty list of positive factors"),
+        ("optim.ema_momentum", 1.5, "in [0, 1]"),
+        ("train.amp", "fp8", "one of auto, bf16, fp16, off"),
+        ("model.cam_pooling", "median", "one of max, mean"),
+    ],
+)
+def test_out_of_range_values_fail_when_resolved(key: str, value: object, allowed: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve("demo", overrides=[f"{key}={value}"])
+    assert f"{key}=" in str(err.value) and f"(must be {allowed})" in str(err.value)
+
+
+def test_ordered_pairs_are_checked() -> None:
+    with pytest.raises(ConfigError, match="pseudo.low_threshold=0.7 must be below"):
+        apply_overrides(preset("demo"), {"pseudo.low_threshold": 0.7})
+    with pytest.raises(ConfigError, match="thresholds.stride=200 above data.crop_size=160"):
+        apply_overrides(preset("demo"), {"thresholds.stride": 200})
+
+
+def test_every_preset_is_valid_and_every_number_has_a_range() -> None:
+    from cosa.config import _RULES, validate
+
+    for name in ("demo", "voc", "coco", "reference"):
+        validate(preset(name))
+    cfg = CosaConfig()
+    ranged = set()
+    for section in dataclasses.fields(cfg):
+        for item in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), item.name)
+            if isinstance(value, (int, float, tuple)) and not isinstance(value, bool):
+                ranged.add(f"{section.name}.{item.name}")
+    unchecked = ranged - set(_RULES) - {"model.aux_layer"}  # aux_layer: the backbone checks it
+    assert not unchecked, unchecked
+    keys = {
+        f"{s.name}.{k.name}"
+        for s in dataclasses.fields(cfg)
+        for k in dataclasses.fields(getattr(cfg, s.name))
+    }
+    assert set(_RULES) <= keys

@@ -70,8 +70,12 @@ def test_views_are_a_function_of_seed_epoch_and_index(voc: Path) -> None:
 
 @pytest.mark.parametrize(
     ("crop", "scales", "seed", "word"),
-    [(8, (0.5, 2.0), 0, "crop_size"), (32, (2.0, 0.5), 0, "scale"), (32, (0.0, 1.0), 0, "scale"),
-     (32, (0.5, 2.0), -1, "seed")],
+    [
+        (8, (0.5, 2.0), 0, "crop_size"),
+        (32, (2.0, 0.5), 0, "scale"),
+        (32, (0.0, 1.0), 0, "scale"),
+        (32, (0.5, 2.0), -1, "seed"),
+    ],
 )
 def test_train_dataset_rejects_bad_settings(voc: Path, crop, scales, seed, word) -> None:
     with pytest.raises(ConfigError, match=word):
@@ -106,7 +110,8 @@ def test_images_are_rgb_and_upright(voc: Path) -> None:
 
 def test_eval_rejects_a_mask_of_another_size(voc: Path) -> None:
     palette_image(np.zeros((5, 5), np.uint8), voc_palette()).save(
-        voc / "SegmentationClass" / "2007_000001.png")
+        voc / "SegmentationClass" / "2007_000001.png"
+    )
     with pytest.raises(DataError, match=r"2007_000001\.png is 5x5 but image .* is 40x30"):
         EvalDataset(open_dataset(voc, "train"))[0]
 
@@ -115,3 +120,48 @@ def test_unreadable_image(voc: Path) -> None:
     (voc / "JPEGImages" / "2007_000001.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="cannot be read"):
         EvalDataset(open_dataset(voc, "train"))[0]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_mask_turns_as_the_decoder_turns_the_image(tmp_path: Path, orientation: int) -> None:
+    from cosa.images import load_image_and_orientation, orient_mask
+
+    ids = np.arange(5 * 7, dtype=np.uint8).reshape(5, 7)  # every pixel distinct
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(ids).save(tmp_path / "a.png", exif=exif)
+    image, found = load_image_and_orientation(tmp_path / "a.png")
+    assert found == orientation
+    turned = orient_mask(ids, orientation)
+    np.testing.assert_array_equal(turned, image[..., 0])
+    np.testing.assert_array_equal(orient_mask(turned, orientation, undo=True), ids)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 2])
+def test_image_and_mask_turn_together(voc: Path, orientation: int) -> None:
+    """A mask drawn on the stored pixels keeps covering the same object once the image is shown
+    upright: a 180 degree tag (same size) and a 90 degree one (swapped size) alike."""
+    from cosa.data.check import check_dataset
+
+    stored = np.zeros((30, 40, 3), np.uint8)
+    stored[0:10, 0:8] = 255  # a bright object in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(voc / "JPEGImages" / "2007_000001.png", exif=exif)
+    (voc / "JPEGImages" / "2007_000001.jpg").unlink()
+    (voc / "JPEGImages" / "2007_000001.png").rename(voc / "JPEGImages" / "2007_000001.jpg")
+    mask = np.zeros((30, 40), np.uint8)
+    mask[0:10, 0:8] = 1
+    palette_image(mask, voc_palette()).save(voc / "SegmentationClass" / "2007_000001.png")
+    index = open_dataset(voc, "train")
+    item = EvalDataset(index)[0]
+    bright = item["image"][..., 0] > 128
+    assert bright.sum() == 80 and np.array_equal(bright, item["mask"] == 1)
+    full = TrainDataset(index, 48, (1.0, 1.0), seed=0, with_masks=True)[0]
+    h0, h1, w0, w1 = full["img_box"].tolist()
+    weak_bright = full["weak"][0, h0:h1, w0:w1] > 0.0  # normalised: 0 -> -2.1, 255 -> 2.2
+    labelled = full["mask"][h0:h1, w0:w1] == 1  # the view may blur the object's edge
+    assert (weak_bright & labelled).sum() / (weak_bright | labelled).sum() > 0.8
+    warnings = [p.message for p in check_dataset(voc, ["train"]).warnings]
+    turned_in_place = orientation != 6  # the size cannot tell which grid the mask is on
+    assert any("stored orientation" in m for m in warnings) == turned_in_place

@@ -121,7 +121,7 @@ def test_cam_quality_scores_gt_and_predicted_labels_separately(val_index) -> Non
 
     def score(claimed: list[int]) -> tuple[float, float]:
         net = _ScriptedNet(mask, num_classes, claimed)
-        quality = CamQuality(net, torch.device("cpu"), num_classes + 1, (1.0,), 0.25, 0.7)
+        quality = CamQuality(net, torch.device("cpu"), num_classes + 1, (1.0,), 0.25, 0.7, True)
         quality.update(item["image"], mask, item["label"])
         return quality.cam_matrix.scores().miou, quality.cam_predicted_matrix.scores().miou
 
@@ -217,3 +217,39 @@ def test_cli_eval_tta_prints_one_json_object(val_index, random_checkpoint) -> No
     assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["cam_miou"] <= 1.0
     res = CliRunner().invoke(app, args + ["--protocol", "tta", "--scales", "1.0,x"])
     assert res.exit_code == 2 and "--scales" in res.output
+
+
+def test_eval_warns_when_it_scores_the_split_that_selected_the_checkpoint(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from cosa.evaluation.run import selection_warning
+
+    cfg = preset("demo")
+    selected = {"selection_metric": "miou", "selection_split": "val", "best_iteration": 800}
+    best = Checkpoint(cfg, ["background", "x"], [[0, 0, 0]] * 2, 800, {}, {}, metrics=selected)
+    warning = selection_warning(best, tmp_path, "val")
+    assert warning is not None and "'val' chose this checkpoint" in warning
+    assert selection_warning(best, tmp_path, "test") is None
+    assert selection_warning(replace(best, iteration=600), tmp_path, "val") is None  # last.pt
+    elsewhere = replace(best, config=replace(cfg, data=replace(cfg.data, root=str(tmp_path))))
+    assert selection_warning(elsewhere, tmp_path / "other", "val") is None
+    assert selection_warning(elsewhere, tmp_path, "val") is not None
+
+
+def test_cli_eval_prints_the_selection_warning(val_index, random_checkpoint, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import cosa.evaluation.run
+    from cli import app
+
+    real = cosa.evaluation.run.evaluate_checkpoint
+
+    def scored(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.extra["warnings"] = ["split 'val' chose this checkpoint"]
+        return result
+
+    monkeypatch.setattr(cosa.evaluation.run, "evaluate_checkpoint", scored)
+    args = ["eval", str(random_checkpoint), "--data", str(val_index.root), "--no-cam"]
+    res = CliRunner().invoke(app, [*args, "--max-images", "1", "--device", "cpu"])
+    assert res.exit_code == 0 and "warning: split 'val' chose this checkpoint" in res.output

@@ -224,3 +224,24 @@ def test_the_loss_goes_down_on_one_fixed_batch() -> None:
         totals.append(float(result.total.detach()))
     assert totals[-1] < 0.5 * totals[0], totals
     assert float(result.terms["cls"]) < 0.5 * totals[0]
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_a_crop_whose_pixels_are_all_ignored_gives_finite_losses(raw: bool) -> None:
+    """Every pixel outside `img_box` (a zero-area box): no CPL, SPL, RAW or CSP pixel is labelled.
+    The losses that have no pixel to average over are an attached 0, never 0 / 0."""
+    cfg = _config()
+    cfg = dataclasses.replace(cfg, reliability=dataclasses.replace(cfg.reliability, enabled=raw))
+    torch.manual_seed(0)
+    student, teacher_net = TinyNet(), TinyNet()
+    batch = _batch()
+    batch["img_box"] = torch.zeros(B, 4, dtype=torch.int64)
+    teacher = teacher_forward(teacher_net, batch["weak"], batch["label"], (1.0,), True)
+    result = CosaObjective(cfg)(student(batch["strong"]), teacher, batch, THRESHOLDS, 11)
+    for name in TERM_NAMES:
+        assert torch.isfinite(result.terms[name]), name
+    for name in ("seg", "reg", "csp"):
+        assert float(result.terms[name]) == 0.0, name
+    result.total.backward()
+    for name, parameter in student.named_parameters():
+        assert parameter.grad is not None and torch.all(torch.isfinite(parameter.grad)), name

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cosa.errors import ConfigError
-from cosa.losses import contrastive_separation_loss
+from cosa.losses import contrastive_separation_loss, labels_at_cell_centres
 
 T = 0.1
 
@@ -86,3 +86,19 @@ def test_shape_mismatch_raises() -> None:
             torch.zeros(1, 4, 4, dtype=torch.long),
             num_classes=2,
         )
+
+
+def test_csp_labels_come_from_the_centre_of_each_16_pixel_cell() -> None:
+    """A 32x32 map (2x2 cells) whose only class-1 pixels are the cells' top-left corners and
+    whose class-2 pixels are the centre of the top-right and bottom-left cells."""
+    label = torch.zeros(1, 32, 32, dtype=torch.long)
+    label[0, ::16, ::16] = 1  # (0, 0), (0, 16), (16, 0), (16, 16): what nearest would read
+    label[0, 8, 24] = 2
+    label[0, 24, 8] = 2
+    label[0, 24, 24] = 255
+    assert labels_at_cell_centres(label, (2, 2)).tolist() == [[[0, 2], [2, 255]]]
+    nearest = torch.nn.functional.interpolate(label[:, None].float(), size=(2, 2), mode="nearest")
+    assert nearest.long()[:, 0].tolist() == [[[1, 1], [1, 1]]]  # the corner-sampling it replaces
+    # A non-multiple size: 10 pixels on 3 cells, centres at floor(1.67), floor(5), floor(8.33).
+    row = torch.arange(10).repeat(10, 1)[None]  # (1, 10, 10): label = column index
+    assert labels_at_cell_centres(row, (3, 3))[0, 0].tolist() == [1, 5, 8]

@@ -83,11 +83,9 @@ def test_teacher_never_gets_gradients() -> None:
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_mismatched_networks_and_bad_momentum_raise() -> None:
+def test_mismatched_networks_raise() -> None:
     net = student(num_classes=3)
     other = student(num_classes=3)
     other.decoder.extra = torch.nn.Conv2d(1, 1, 1)  # a parameter the student lacks
     with pytest.raises(ConfigError, match="different parameters"):
         ema_update(other, net, momentum=0.99)
-    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
-        ema_update(make_teacher(net, copy_heads=True), net, momentum=1.5)

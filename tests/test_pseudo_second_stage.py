@@ -154,7 +154,7 @@ def test_init_checkpoint_starts_both_networks_from_its_teacher(
     cfg = tiny_config(data, **{"model.init_checkpoint": str(checkpoint)})
     trainer = Trainer(cfg, tmp_path / "run", setup_distributed("cpu"), resume=False)
     teacher = load_checkpoint(checkpoint).teacher
-    for net in (trainer.student, trainer.teacher):
+    for net in (trainer.state.student, trainer.state.teacher):
         state = net.state_dict()
         assert state.keys() == teacher.keys()
         assert all(torch.equal(state[k], teacher[k]) for k in teacher)

@@ -351,7 +351,7 @@ def test_tensorrt_needs_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(FakeEngine()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MissingDependencyError, match="needs a CUDA GPU"):
-        TensorRTRunner(*plan_of(tmp_path))
+        TensorRTRunner(plan_folder(tmp_path))
 
 
 def test_tensorrt_names_a_gpu_that_does_not_exist(
@@ -363,7 +363,7 @@ def test_tensorrt_names_a_gpu_that_does_not_exist(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ConfigError, match=r"CUDA device 2 does not exist: 2 GPU\(s\) visible"):
-        TensorRTRunner(*plan_of(tmp_path), device_index=2)
+        TensorRTRunner(plan_folder(tmp_path), device_index=2)
 
 
 def test_tensorrt_engine_from_another_version(
@@ -376,7 +376,7 @@ def test_tensorrt_engine_from_another_version(
         match=r"TensorRT 10.9.0 cannot deserialize .*built with "
         r"TensorRT 10.3 on A100",
     ):
-        TensorRTRunner(*plan_of(tmp_path))
+        TensorRTRunner(plan_folder(tmp_path))
 
 
 def test_tensorrt_runner_plumbing_with_a_fake_engine(
@@ -409,7 +409,7 @@ def test_tensorrt_runner_reads_a_transposed_batch_by_value(
     images = batch(2, 20, 30)
     transposed = np.ascontiguousarray(images.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     assert not transposed.flags.c_contiguous
-    with TensorRTRunner(*plan_of(tmp_path)) as runner:
+    with TensorRTRunner(plan_folder(tmp_path)) as runner:
         np.testing.assert_array_equal(
             runner.infer(transposed)["mask"], images[:, 0].astype(np.int32)
         )
@@ -421,7 +421,7 @@ def test_tensorrt_runner_loads_and_runs_on_its_gpu_with_its_own_stream(
     cuda = install_fake_cuda(monkeypatch)
     engine = FakeEngine(cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
-    with TensorRTRunner(*plan_of(tmp_path), device_index=1) as runner:
+    with TensorRTRunner(plan_folder(tmp_path), device_index=1) as runner:
         runner.infer(batch(1, 16, 16))
         runner.infer(batch(2, 16, 16))
     assert engine.loaded_on == 1  # deserialised on GPU 1, not on the default GPU 0
@@ -445,7 +445,7 @@ def test_tensorrt_runner_plumbing_on_a_real_gpu(
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
     images = batch(2, 48, 80)
     transposed = np.ascontiguousarray(images.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
-    with TensorRTRunner(*plan_of(tmp_path), return_logits=True) as runner:
+    with TensorRTRunner(plan_folder(tmp_path), return_logits=True) as runner:
         for _ in range(3):
             out = runner.infer(transposed)
             np.testing.assert_array_equal(out["mask"], images[:, 0].astype(np.int32))

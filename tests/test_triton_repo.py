@@ -89,7 +89,9 @@ def make_artifact(
         (folder / "model.plan").write_bytes(b"engine bytes")
     colours = palette if palette is not None else (PALETTE * 100)[:classes]
     names = ("background",) + tuple(f"class{i}" for i in range(1, classes))
-    write_spec(ModelSpec(class_names=names, palette=colours, profile=PROFILE), folder)
+    extra = {"fp32": "model.onnx", "tensorrt": "model.plan"} if plan else {}
+    spec = ModelSpec(class_names=names, palette=colours, profile=PROFILE, extra_artifacts=extra)
+    write_spec(spec, folder)
     return folder
 
 
@@ -243,7 +245,9 @@ def add_variant(
     spec = read_spec(folder)
     extra = {"fp32": "model.onnx", **spec.extra_artifacts, role: name}
     artifact = name if primary else spec.artifact
-    write_spec(dataclasses.replace(spec, extra_artifacts=extra, artifact=artifact), folder)
+    precision = role.split("_")[0] if primary else spec.precision
+    spec = dataclasses.replace(spec, extra_artifacts=extra, artifact=artifact, precision=precision)
+    write_spec(spec, folder)
     return folder
 
 

@@ -8,6 +8,7 @@ lookup; an invalid config stops earlier, at the repository poll.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -407,6 +408,8 @@ def test_onnxruntime_and_tensorrt_repositories_reach_the_backend_lookup(
 ) -> None:
     engine = shutil.copytree(artifact, tmp_path / "engine")
     (engine / "model.plan").write_bytes(b"engine stand-in")  # never deserialised: no backend
+    listed = {"fp32": "model.onnx", "tensorrt": "model.plan"}  # as `cosa export --trt` lists it
+    write_spec(dataclasses.replace(read_spec(engine), extra_artifacts=listed), engine)
     write_repository(artifact, tmp_path / "ort", "onnxruntime", model_name="seg_ort")
     write_repository(
         engine, tmp_path / "trt", "tensorrt", MAX_BATCH, model_name="seg_trt", ensemble=False

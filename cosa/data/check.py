@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cosa.data.datasets import detect_layout, open_dataset
-from cosa.data.image_io import read_mask
+from cosa.data.image_io import mask_as_displayed, read_mask
 from cosa.data.index import (
     SPLIT_DIR,
     DatasetIndex,
@@ -37,7 +37,7 @@ from cosa.data.index import (
 from cosa.data.problems import Problem, error, errors_of, warning
 from cosa.data.tagged import DEFAULT_VAL_FRACTION, read_tagged_folder
 from cosa.errors import DataError
-from cosa.images import ImageReadError, load_image
+from cosa.images import ImageReadError, load_image_and_orientation
 
 MIN_TRAIN_IMAGES_PER_CLASS = 5  # fewer gives the classifier almost nothing to learn a class from
 TOP_PAIRS = 10  # co-occurring class pairs listed in the summary
@@ -279,42 +279,58 @@ def _check_sample(sample: Sample, num_foreground: int) -> tuple[list[Problem], i
     """The problems of one image and its mask (decodable, same size, ids in range), and the
     image's long side in pixels as displayed (None when it cannot be decoded)."""
     try:
-        height, width = load_image(sample.image_path).shape[:2]
+        image, orientation = load_image_and_orientation(sample.image_path)
     except ImageReadError as exc:
         reason = f"{exc.reason}; replace the file or remove it"
         return [error(sample.image_path, None, reason)], None
-    return _check_mask(sample, num_foreground, height, width), max(height, width)
+    height, width = image.shape[:2]
+    return _check_mask(sample, num_foreground, orientation, height, width), max(height, width)
 
 
-def _check_mask(sample: Sample, num_foreground: int, height: int, width: int) -> list[Problem]:
+def _check_mask(
+    sample: Sample, num_foreground: int, orientation: int, height: int, width: int
+) -> list[Problem]:
     if sample.mask_path is None:
         return []
     try:
-        mask = read_mask(sample.mask_path)
+        raw = read_mask(sample.mask_path)
     except DataError as exc:
         return [error(sample.mask_path, None, str(exc))]
-    if mask.shape != (height, width):
+    mask = mask_as_displayed(raw, orientation, (height, width))
+    if mask is None:
         return [
             error(
                 sample.mask_path,
                 None,
-                f"is {mask.shape[1]}x{mask.shape[0]} but its image {sample.image_path} is "
-                f"{width}x{height} (as displayed, after EXIF orientation); masks must match "
-                "their image",
+                f"is {raw.shape[1]}x{raw.shape[0]} but its image {sample.image_path} is "
+                f"{width}x{height} as displayed (EXIF orientation {orientation}); a mask must "
+                "have its image's stored or displayed size",
             )
         ]
     try:
         in_mask = labels_from_mask(mask, num_foreground)
     except DataError as exc:
         return [error(sample.mask_path, None, f"{exc}; fix the mask")]
+    found = []
+    if orientation != 1 and raw.shape == mask.shape and mask is not raw:
+        # The size cannot tell whether the mask was drawn on the stored or the displayed picture.
+        found.append(
+            warning(
+                sample.mask_path,
+                None,
+                f"is turned with its image's EXIF orientation {orientation}, as masks are read "
+                "in the image file's stored orientation; if it was drawn on the displayed "
+                "picture, save it unturned or remove the image's orientation tag",
+            )
+        )
     extra = np.flatnonzero((in_mask > 0) & (np.asarray(sample.label) == 0)) + 1
     if extra.size:
-        return [
+        found.append(
             warning(
                 sample.mask_path,
                 None,
                 f"holds class id(s) {extra.tolist()} that the image's tags do not list; "
                 "fix the tags or the mask",
             )
-        ]
-    return []
+        )
+    return found

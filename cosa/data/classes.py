@@ -1,6 +1,7 @@
 """Class names and the colour palette of the supported datasets.
 
-Index 0 is always ``background``; mask id ``255`` means "ignore" (VOC object boundaries, padding).
+Index 0 is always ``background``; mask id ``IGNORE_INDEX`` (255, `cosa.choices`) means "ignore" (VOC
+object boundaries, padding). The VOC colour map is `cosa.images.voc_palette`, re-exported here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cosa.choices import IGNORE_INDEX as IGNORE_INDEX  # declared once, for every layer
 from cosa.errors import DataError
+from cosa.images import voc_palette as voc_palette  # declared once, for every layer
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -32,32 +35,6 @@ COCO_CLASSES: tuple[str, ...] = (
     "teddy bear", "hair drier", "toothbrush",
 )
 """The 81 COCO 2014 ids of the VOC-style masks (background + the 80 "things" in category order)."""
-
-IGNORE_INDEX = 255
-"""Mask id excluded from labels, losses and metrics."""
-
-
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map: the bits of each id spread over the high bits of R, G and B.
-
-    Args:
-        n: number of entries, 1..256. Entry 255 (the ignore id) is (224, 224, 192).
-
-    Returns:
-        uint8 array (n, 3); entry 0 is black, entry 1 (128, 0, 0), entry 2 (0, 128, 0), ...
-
-    Raises:
-        ValueError: `n` outside 1..256 (a programming error, not a user input).
-    """
-    if not 1 <= n <= 256:
-        raise ValueError(f"voc_palette: n must be in 1..256, got {n}")
-    ids = np.arange(n, dtype=np.int64)
-    palette = np.zeros((n, 3), dtype=np.int64)
-    for triple in range(8):  # id bit 3*triple + channel becomes bit 7 - triple of that channel
-        for channel in range(3):
-            palette[:, channel] |= ((ids >> (3 * triple + channel)) & 1) << (7 - triple)
-    return palette.astype(np.uint8)
-
 
 CLASSES_FILENAME = "classes.json"
 """Class list of a dataset with its own classes (the synthetic set): names and palette."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from cosa.data.image_io import read_mask, read_rgb
+from cosa.data.image_io import read_image_and_mask, read_rgb
 from cosa.data.index import DatasetIndex
 from cosa.data.transforms import apply_view_params, mask_view, sample_view_params
 from cosa.errors import ConfigError, DataError
@@ -79,7 +80,13 @@ class TrainDataset(Dataset):
         epoch, i = item if isinstance(item, tuple) else (self.epoch, item)
         sample = self.index.samples[i]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, i]))
-        image = read_rgb(sample.image_path)
+        mask = None
+        if self.with_masks:
+            assert sample.mask_path is not None  # checked by __init__
+            pixels, mask = read_image_and_mask(sample.image_path, sample.mask_path)
+            image = Image.fromarray(pixels)
+        else:
+            image = read_rgb(sample.image_path)
         params = sample_view_params(
             image.height, image.width, self.crop_size, self.scale_range, rng
         )
@@ -91,9 +98,8 @@ class TrainDataset(Dataset):
             "img_box": views.img_box,
             "index": i,
         }
-        if self.with_masks:
-            assert sample.mask_path is not None  # checked by __init__
-            item["mask"] = mask_view(read_mask(sample.mask_path), self.crop_size, params)
+        if mask is not None:
+            item["mask"] = mask_view(mask, self.crop_size, params)
         return item
 
 
@@ -115,16 +121,11 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray | str | None]:
         sample = self.index.samples[i]
-        image = np.asarray(read_rgb(sample.image_path), dtype=np.uint8)
         mask = None
-        if sample.mask_path is not None:
-            mask = read_mask(sample.mask_path)
-            if mask.shape != image.shape[:2]:
-                raise DataError(
-                    f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but image "
-                    f"{sample.image_path} is {image.shape[1]}x{image.shape[0]} (after EXIF "
-                    "rotation); masks must match their images"
-                )
+        if sample.mask_path is None:
+            image = np.asarray(read_rgb(sample.image_path), dtype=np.uint8)
+        else:
+            image, mask = read_image_and_mask(sample.image_path, sample.mask_path)
         return {
             "image": image,
             "mask": mask,

@@ -91,7 +91,7 @@ class CamQuality:
         scales: tuple[float, ...],
         low: float,
         high: float,
-        flip: bool = True,
+        flip: bool,
     ) -> None:
         self.net = net
         self.device = device

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from cosa.choices import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -3,9 +3,10 @@
 A predictor maps an RGB uint8 image (H, W, 3) to float32 logits (K, H, W) at the image's size.
 `DeployPredictor` scores exactly what `cosa segment` writes (deploy forward, native resolution,
 single scale). `PaperProtocolPredictor` is the reference protocol (METHOD.md 7): resize to 448x448
-ignoring aspect, scales (1.0, 0.5, 1.5, 0.75, 1.25) + flip, summed seg logits, upsampled to the
-label size. `NativeMultiScalePredictor` is test-time augmentation at the image's own size, fused as
-the training teacher fuses its passes (the same scales and flip give the same seg logits).
+ignoring aspect, scales `DEFAULT_EVAL_SCALES` (1.0, 0.5, 1.5, 0.75, 1.25) + flip, summed seg
+logits, upsampled to the label size. `NativeMultiScalePredictor` is test-time augmentation at the
+image's own size, fused as the training teacher fuses its passes (the same scales and flip give the
+same seg logits).
 Exported artifacts (ONNX, TensorRT) plug in through any callable with the same signature.
 """
 
@@ -18,8 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cosa.choices import DEFAULT_EVAL_SCALES
 from cosa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cosa.model import CosaNet, DeployModel
+from cosa.model.deploy import network_size
 from cosa.pseudo import teacher_forward
 
 
@@ -62,7 +65,7 @@ class PaperProtocolPredictor:
         self,
         net: CosaNet,
         device: torch.device,
-        scales: Sequence[float] = (1.0, 0.5, 1.5, 0.75, 1.25),
+        scales: Sequence[float] = DEFAULT_EVAL_SCALES,
         flip: bool = True,
         size: int = 448,
     ) -> None:
@@ -79,7 +82,7 @@ class PaperProtocolPredictor:
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         total = None
         for scale in self.scales:
-            side = max(16, int(round(self.size * scale / 16)) * 16)
+            side, _ = network_size(round(self.size * scale), round(self.size * scale))
             xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
             batch = torch.cat([xs, xs.flip(-1)]) if self.flip else xs
             seg = self.net.forward_seg(batch)  # (1 or 2, K, side/16, side/16)
@@ -97,9 +100,10 @@ class PaperProtocolPredictor:
 class NativeMultiScalePredictor:
     """Multi-scale (+ flip) test-time augmentation at the image's own size.
 
-    Each scale resizes the image to round(s*H) x round(s*W); seg logits are upsampled back to
-    H x W and summed over the flip pair and the scales: `teacher_forward`'s fusion, so with the
-    checkpoint's `pseudo.scales` it scores the seg stream of the teacher that trained the model.
+    Each scale resizes the image to round(s*H) x round(s*W), snapped to multiples of 16; seg logits
+    are upsampled back to H x W and summed over the flip pair and the scales: `teacher_forward`'s
+    fusion, so with the checkpoint's `pseudo.scales` it scores the seg stream of the teacher that
+    trained the model.
     """
 
     def __init__(

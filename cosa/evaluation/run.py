@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cosa.checkpoint import Checkpoint, build_teacher_from_checkpoint, load_checkpoint
+from cosa.choices import DEFAULT_EVAL_SCALES, EvalProtocol, parse_choice
 from cosa.data import DatasetIndex, open_dataset
-from cosa.errors import ConfigError
+from cosa.device import resolve_device
 from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
 from cosa.evaluation.predictors import (
     DeployPredictor,
@@ -15,9 +16,6 @@ from cosa.evaluation.predictors import (
     PaperProtocolPredictor,
     Predictor,
 )
-from cosa.train.distributed import resolve_device
-
-PROTOCOLS = ("deploy", "paper", "tta")
 
 
 def evaluate_checkpoint(
@@ -25,7 +23,7 @@ def evaluate_checkpoint(
     data: Path,
     split: str = "val",
     protocol: str = "deploy",
-    scales: Sequence[float] = (1.0, 0.5, 1.5, 0.75, 1.25),
+    scales: Sequence[float] = DEFAULT_EVAL_SCALES,
     flip: bool = True,
     with_cam: bool = True,
     max_images: int = 0,
@@ -35,8 +33,9 @@ def evaluate_checkpoint(
 
     `protocol`: "deploy" (native size, single scale: what `cosa segment` writes), "paper" (448x448,
     `scales` + `flip`) or "tta" (native size, `scales` + `flip`). The CAM and CPL scores use the
-    checkpoint's teacher scales (+ flip) except under "tta", where they use `scales` and `flip`
-    too, so a CAM-only model and a seg stream can be compared with the same augmentation.
+    checkpoint's teacher scales and flip (`pseudo.scales`, `pseudo.flip`) except under "tta",
+    where they use `scales` and `flip` too, so a CAM-only model and a seg stream can be compared
+    with the same augmentation.
 
     The result's `extra["checkpoint"]` holds the checkpoint's iteration and how its run chooses
     best.pt (`selection_metric`, `selection_split`, `best_score`, `best_iteration`).
@@ -45,8 +44,7 @@ def evaluate_checkpoint(
         ConfigError: unknown protocol. CheckpointError: unreadable checkpoint. DataError: bad
         dataset, or its classes do not match the checkpoint's.
     """
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    protocol = parse_choice(EvalProtocol, protocol, "protocol").value
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=torch_device)
     index = open_checkpoint_data(ckpt, data, split)
@@ -64,7 +62,9 @@ def evaluate_checkpoint(
         low = float(thresholds.get("low", ckpt.config.pseudo.low_threshold))
         high = float(thresholds.get("high", ckpt.config.pseudo.high_threshold))
         cam_scales, cam_flip = (
-            (tuple(scales), flip) if protocol == "tta" else (ckpt.config.pseudo.scales, True)
+            (tuple(scales), flip)
+            if protocol == "tta"
+            else (ckpt.config.pseudo.scales, ckpt.config.pseudo.flip)
         )
         quality = CamQuality(
             net, torch_device, len(index.class_names), cam_scales, low, high, flip=cam_flip
@@ -73,7 +73,28 @@ def evaluate_checkpoint(
         predictor, index, protocol=protocol, max_images=max_images, cam_quality=quality
     )
     result.extra["checkpoint"] = {"iteration": ckpt.iteration, **ckpt.metrics}
+    warning = selection_warning(ckpt, data, split)
+    result.extra["warnings"] = [warning] if warning else []
     return result
+
+
+def selection_warning(ckpt: Checkpoint, data: Path, split: str) -> str | None:
+    """A warning when `split` of `data` is the split whose score chose `ckpt` as its run's best.
+
+    Such a score is optimistic (METHOD.md 7, caveat 2): the checkpoint won a comparison on those
+    very images. A run on the embedded synthetic set (no `data.root`) matches any `data`.
+    """
+    metrics = ckpt.metrics
+    if metrics.get("best_iteration") != ckpt.iteration or metrics.get("selection_split") != split:
+        return None
+    root = ckpt.config.data.root
+    if root is not None and Path(root).resolve() != Path(data).resolve():
+        return None
+    return (
+        f"split {split!r} chose this checkpoint (the best {metrics.get('selection_metric')} "
+        f"of its run at iteration {ckpt.iteration}), so its score there is optimistic; report a "
+        "split that did not select it (e.g. --split test)"
+    )
 
 
 def open_checkpoint_data(ckpt: Checkpoint, data: Path, split: str) -> DatasetIndex:

@@ -7,7 +7,7 @@ from cosa.losses.classification import classification_loss
 from cosa.losses.crf import crf_energy_loss
 from cosa.losses.objective import TERM_NAMES, CosaObjective, ObjectiveResult
 from cosa.losses.reliability import reliability_pseudo_label
-from cosa.losses.separation import contrastive_separation_loss
+from cosa.losses.separation import contrastive_separation_loss, labels_at_cell_centres
 from cosa.losses.swapped import balanced_cross_entropy, cam2seg_loss, seg2cam_loss
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "classification_loss",
     "contrastive_separation_loss",
     "crf_energy_loss",
+    "labels_at_cell_centres",
     "reliability_pseudo_label",
     "seg2cam_loss",
 ]

@@ -19,7 +19,7 @@ from cosa.errors import ConfigError, DataError
 from cosa.losses.classification import classification_loss
 from cosa.losses.crf import crf_energy_loss
 from cosa.losses.reliability import reliability_pseudo_label
-from cosa.losses.separation import contrastive_separation_loss
+from cosa.losses.separation import contrastive_separation_loss, labels_at_cell_centres
 from cosa.losses.swapped import cam2seg_loss, seg2cam_loss
 from cosa.model.outputs import NetOutput
 from cosa.pseudo import (
@@ -258,14 +258,14 @@ class CosaObjective:
         )
         if cfg.separation.enabled:
             grid = student.features.shape[-2:]
-            spl_small = F.interpolate(spl[:, None].float(), size=grid, mode="nearest")
+            spl_small = labels_at_cell_centres(spl, grid)  # (B, h, w)
             weight_small = None
             if main_weight is not None:  # average reliability of the pixels a feature covers
                 weight_small = F.adaptive_avg_pool2d(main_weight[:, None], grid)[:, 0]
             terms["csp"] = contrastive_separation_loss(
                 student.features,
                 teacher.features,
-                spl_small[:, 0].long(),
+                spl_small,
                 labels.shape[1],
                 weight_small,
                 cfg.separation.temperature,

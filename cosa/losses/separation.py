@@ -21,6 +21,26 @@ _ABSENT = -1e4
 _WEIGHT_EPS = 1e-6
 
 
+def labels_at_cell_centres(labels: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The label at the centre pixel of each feature cell (nearest-neighbour would take its corner).
+
+    A feature cell of a stride-16 grid covers pixels 16i .. 16i+15; its label is the one at
+    pixel 16i + 8 (floor((i + 0.5) * H / h) in general), so CSP's labels sit where the cell's
+    receptive field is centred, as the RAW weights beside them (mean-pooled over the cell) do.
+
+    Args:
+        labels: (B, H, W) integer label map.
+        grid: (h, w) feature grid, h <= H and w <= W.
+
+    Returns:
+        (B, h, w) labels of the same dtype.
+    """
+    height, width = labels.shape[-2:]
+    rows = ((torch.arange(grid[0], device=labels.device) + 0.5) * height / grid[0]).long()
+    cols = ((torch.arange(grid[1], device=labels.device) + 0.5) * width / grid[1]).long()
+    return labels[:, rows][:, :, cols]
+
+
 def contrastive_separation_loss(
     student_feat: Tensor,
     teacher_feat: Tensor,

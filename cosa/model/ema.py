@@ -54,14 +54,12 @@ def ema_update(teacher: CosaNet, student: CosaNet, momentum: float) -> None:
     Args:
         teacher: the assignment network (from `make_teacher`).
         student: the online network (unwrapped, not DDP).
-        momentum: m in [0, 1]; 1 keeps the teacher, 0 copies the student.
+        momentum: m in [0, 1] (`optim.ema_momentum`, range-checked once with the config); 1
+            keeps the teacher, 0 copies the student.
 
     Raises:
-        ConfigError: momentum outside [0, 1], or the two networks have different parameters
-            (built from different configs).
+        ConfigError: the two networks have different parameters (built from different configs).
     """
-    if not 0.0 <= momentum <= 1.0:
-        raise ConfigError(f"EMA momentum must be in [0, 1], got {momentum} (optim.ema_momentum)")
     t_params = dict(teacher.named_parameters())
     s_params = dict(student.named_parameters())
     if t_params.keys() != s_params.keys():

@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cosa.config import CAM_POOLINGS
 from cosa.errors import ConfigError
-
-CAM_POOLINGS = ("max", "mean")
 
 
 class CamHead(nn.Module):

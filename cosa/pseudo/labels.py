@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from cosa.choices import IGNORE_INDEX as IGNORE_INDEX  # re-exported by cosa.pseudo
 
 # Logit given to foreground classes absent from the image label (reference value); after the
 # division by the temperature its softmax probability is exactly 0 in float32.

@@ -6,9 +6,9 @@ train.supervision=full`). What makes each mask, and why:
 
 - the assignment network (the EMA teacher: the network `cosa segment` deploys, and the one that
   made the training targets);
-- its seg stream fused over the run's teacher scales and the horizontal flip at the image's own
-  size (`NativeMultiScalePredictor`: the fusion the teacher used during training), because the
-  fused prediction is smoother and more complete than one pass;
+- its seg stream fused over the run's teacher scales and flip (`pseudo.scales`, `pseudo.flip`)
+  at the image's own size (`NativeMultiScalePredictor`: the fusion the teacher used during
+  training), because the fused prediction is smoother and more complete than one pass;
 - restricted to the image's tags: classes the image is not tagged with get no pixel. Tags are known
   for every training image, so this removes the first stage's false classes for free (the README's
   label-masked mIoU is the same restriction at test time);
@@ -45,7 +45,7 @@ from cosa.checkpoint import Checkpoint, build_teacher_from_checkpoint, load_chec
 from cosa.data import DatasetIndex
 from cosa.data.check import list_splits
 from cosa.data.classes import IGNORE_INDEX
-from cosa.data.image_io import read_mask, read_rgb
+from cosa.data.image_io import mask_as_displayed, read_mask, read_rgb_and_orientation
 from cosa.data.tagged import (
     IMAGES_DIR,
     MASKS_DIR,
@@ -53,13 +53,13 @@ from cosa.data.tagged import (
     mask_name,
     write_labels,
 )
+from cosa.device import resolve_device
 from cosa.errors import ConfigError, DataError
 from cosa.evaluation.metrics import PartialLabelScore
 from cosa.evaluation.predictors import NativeMultiScalePredictor
 from cosa.evaluation.run import open_checkpoint_data
 from cosa.files import atomic_path, write_bytes_atomic
-from cosa.images import encode_palette_png
-from cosa.train.distributed import resolve_device
+from cosa.images import encode_palette_png, orient_mask
 
 DEFAULT_MIN_CONFIDENCE = 0.5
 
@@ -186,7 +186,9 @@ def write_pseudo_dataset(
     entries = _plan(ckpt, Path(data), split)
     net = build_teacher_from_checkpoint(ckpt).to(torch_device)
     scales = tuple(ckpt.config.pseudo.scales)
-    predictor = NativeMultiScalePredictor(net, torch_device, scales=scales, flip=True)
+    flip = ckpt.config.pseudo.flip
+    passes = len(scales) * (2 if flip else 1)
+    predictor = NativeMultiScalePredictor(net, torch_device, scales=scales, flip=flip)
     palette = np.asarray(ckpt.palette, dtype=np.uint8)
     scores = PartialLabelScore(len(ckpt.class_names))
     written = skipped = 0
@@ -197,21 +199,28 @@ def write_pseudo_dataset(
             if entry.truth is not None:
                 _place_image(entry.truth, target, copy)
             continue
+        if target.is_file() and entry.truth is None:
+            skipped += 1
+            continue
+        # Masks are written in the image file's stored orientation, as datasets read them back
+        # (`cosa.data.image_io`): the hard-linked image keeps its EXIF tag.
+        image, orientation = read_rgb_and_orientation(entry.source)  # as displayed
         if target.is_file():
-            mask = read_mask(target)
+            mask = orient_mask(read_mask(target), orientation)
             skipped += 1
         else:
-            image = np.asarray(read_rgb(entry.source), dtype=np.uint8)
-            logits = predictor(image)  # (K, H, W), summed over len(scales) x 2 passes
-            mask = pseudo_mask(logits, entry.label, 2 * len(scales), min_confidence)
-            write_bytes_atomic(target, encode_palette_png(mask, palette))
+            logits = predictor(image)  # (K, H, W), summed over `passes` passes
+            mask = pseudo_mask(logits, entry.label, passes, min_confidence)
+            stored = orient_mask(mask, orientation, undo=True)
+            write_bytes_atomic(target, encode_palette_png(stored, palette))
             written += 1
         if entry.truth is not None:
-            truth = read_mask(entry.truth)
-            if truth.shape != mask.shape:
+            truth = mask_as_displayed(read_mask(entry.truth), orientation, image.shape[:2])
+            if truth is None or mask.shape != image.shape[:2]:
                 raise DataError(
-                    f"mask {entry.truth} is {truth.shape[1]}x{truth.shape[0]} but its image is "
-                    f"{mask.shape[1]}x{mask.shape[0]}; run `cosa data check {data}`"
+                    f"mask {entry.truth} does not fit its image {entry.source} "
+                    f"({image.shape[1]}x{image.shape[0]} as displayed); run "
+                    f"`cosa data check {data}`"
                 )
             scores.update(mask, truth)
     write_labels(out, [e.row for e in entries], ckpt.class_names)

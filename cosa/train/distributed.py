@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from cosa.device import resolve_device
 from cosa.errors import ConfigError
 
 T = TypeVar("T")
@@ -35,30 +36,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> CUDA when available else CPU; on CUDA, process `local_rank` runs on that GPU.
-
-    Raises:
-        ConfigError: `cuda` without a GPU, or fewer GPUs visible than `local_rank + 1` (say, a
-            torchrun with more processes per node than GPUs).
-    """
-    if choice not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {choice!r}")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
-        )
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise ConfigError(
-            f"process {local_rank} of this node needs GPU {local_rank} but {count} GPU(s) are "
-            f"visible; start at most {count} process(es) per node, or use --device cpu"
-        )
-    return torch.device("cuda", local_rank)
 
 
 def check_process_count(nproc: int, choice: str) -> None:
@@ -122,3 +99,27 @@ def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_rows(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Every rank's `tensor` (same shape on each) concatenated along dim 0 in rank order.
+
+    (B, ...) -> (world_size * B, ...); the tensor itself without a process group.
+    """
+    if not ctx.distributed:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The mean of `tensor` over ranks (a new tensor; gloo has no AVG, so SUM / world size).
+
+    A NaN on any rank makes the mean NaN on every rank, so all of them see it at the same step.
+    """
+    if not ctx.distributed:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / ctx.world_size

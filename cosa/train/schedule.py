@@ -13,13 +13,13 @@ from cosa.config import OptimConfig
 def lr_multiplier(step: int, warmup_iters: int, max_iters: int, power: float) -> float:
     """LR factor at optimiser step `step` (0-based).
 
-    Linear warm-up from ~0 to 1 over `warmup_iters` steps (the reference's
-    `1 - (1 - s/W)(1 - 1e-6)`), multiplied by the poly decay `(1 - s/N)^power`, floored at 0.
+    As the reference: a linear warm-up from ~0 to 1 over `warmup_iters` steps
+    (`1 - (1 - s/W)(1 - 1e-6)`), then the poly decay `(1 - s/N)^power`, floored at 0. The decay
+    does not multiply the warm-up, so the factor reaches 1 at the end of the warm-up.
     """
-    poly = max(0.0, 1.0 - step / max(1, max_iters)) ** power
     if step < warmup_iters:
-        return poly * (1.0 - (1.0 - step / warmup_iters) * (1.0 - 1e-6))
-    return poly
+        return 1.0 - (1.0 - step / warmup_iters) * (1.0 - 1e-6)
+    return max(0.0, 1.0 - step / max(1, max_iters)) ** power
 
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:

@@ -13,11 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cosa.config import SELECT_METRICS
 from cosa.data import DatasetIndex
 from cosa.errors import ConfigError
-
-SELECT_METRICS = ("auto", "miou", "tag_f1", "cam_miou", "cam_miou_predicted_labels")
-"""`train.select_metric` choices; every one but "auto" is an attribute of `EvalResult`."""
 
 MASK_METRICS = ("miou", "cam_miou", "cam_miou_predicted_labels")
 """Criteria that need masks on the selection split."""
