@@ -35,6 +35,7 @@ from cosa.choices import (
     WireProtocol,
 )
 from cosa.errors import CosaError
+from cosa.serving.triton_names import DEFAULT_MODEL_NAME
 
 app = typer.Typer(
     help="CoSA toolkit: weakly supervised segmentation from image-level labels.",
@@ -962,7 +963,9 @@ def triton_repo(
     instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
     preferred_batch: Annotated[str, typer.Option(help="Preferred batch sizes, e.g. 4,8.")] = "",
     max_queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching queue delay.")] = 100,
-    model_name: Annotated[str, typer.Option(help="Name of the segmentation model.")] = "cosa_seg",
+    model_name: Annotated[
+        str, typer.Option(help="Name of the segmentation model.")
+    ] = DEFAULT_MODEL_NAME,
     instance_kind: Annotated[
         InstanceKind,
         typer.Option(help="auto: GPU for tensorrt, CPU for python, KIND_AUTO for onnxruntime."),

@@ -65,6 +65,7 @@ from cosa.export.verify import (
     random_images,
 )
 from cosa.export.verify import torch_runner as verify_torch_runner
+from cosa.files import write_text_atomic
 from cosa.model import DeployModel, build_model
 from cosa.serving.benchmark import LatencyStats, mask_agreement, time_calls
 
@@ -656,15 +657,6 @@ def _split(profile: dict, gemm: str, attention: str) -> tuple[float, float, floa
     return round(gemm_ms, 1), round(attention_ms, 1), round(rest, 1)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def previous_sections(path: Path) -> dict[str, Any]:
     """Sections of an earlier result file, each stamped with its run's date and machine."""
     if not path.is_file():
@@ -736,8 +728,8 @@ def main() -> None:
         report["load_avg_end"] = round(os.getloadavg()[0], 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_atomic(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out / f"{args.name}.md", markdown(report))
+    write_text_atomic(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out / f"{args.name}.md", markdown(report))
     print(markdown(report))
 
 

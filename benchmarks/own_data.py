@@ -36,6 +36,7 @@ from cosa.config import apply_overrides, preset
 from cosa.data import open_dataset, read_mask, read_rgb, write_synthetic_dataset
 from cosa.evaluation.metrics import PartialLabelScore
 from cosa.evaluation.predictors import NativeMultiScalePredictor
+from cosa.files import write_text_atomic
 from cosa.pseudo.second_stage import pseudo_mask, write_pseudo_dataset
 from cosa.train.trainer import train
 
@@ -156,14 +157,14 @@ def run_seed(
         if name == "stage1":
             sweep = run / "confidence_sweep.json"
             if not sweep.is_file():
-                sweep.write_text(
-                    json.dumps(confidence_sweep(run / "checkpoints" / "best.pt", data))
+                write_text_atomic(
+                    sweep, json.dumps(confidence_sweep(run / "checkpoints" / "best.pt", data))
                 )
             row["sweep"] = json.loads(sweep.read_text())
             print(json.dumps({"sweep": row["sweep"]}), flush=True)
     if stages < 2:
         return None
-    part.write_text(json.dumps(row, indent=1))
+    write_text_atomic(part, json.dumps(row, indent=1))
     return row
 
 
@@ -266,8 +267,8 @@ def main() -> None:
         for p in sorted(work.glob("seed*.json"))
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "own_data.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "own_data.md").write_text(markdown(rows))
+    write_text_atomic(args.out / "own_data.json", json.dumps(rows, indent=1))
+    write_text_atomic(args.out / "own_data.md", markdown(rows))
     print(markdown(rows))
 
 

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cosa.files import write_text_atomic
+
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import export_demo_artifact, write_atomic, write_jpegs  # noqa: E402
+from serving import export_demo_artifact, write_jpegs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("workers", "parallel_calls")
@@ -187,8 +189,8 @@ def main() -> None:
     ):
         lines.append(f"| {index + 1} | {b:.1f} | {c:.1f} | {r:.3f} |")
     lines += ["", f"Median ratio current / baseline: {report['ratio']:.3f}.", ""]
-    write_atomic(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out / f"{args.name}.md", "\n".join(lines))
+    write_text_atomic(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out / f"{args.name}.md", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -67,6 +67,7 @@ import numpy as np
 from PIL import Image
 
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ModelSpec, ShapeProfile, write_spec
+from cosa.files import write_text_atomic
 from cosa.images import load_image
 from cosa.serving.background import ordered_calls
 from cosa.serving.masks import palette_lut, write_mask
@@ -595,14 +596,6 @@ def segment_markdown(seg: dict[str, Any]) -> list[str]:
     ]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, help="export folder (model.onnx + spec.json)")
@@ -721,8 +714,8 @@ def main() -> None:
             "segment_cli_memory": memory_summary(rows),
         },
     }
-    write_atomic(args.out / "serving.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out / "serving.md", markdown(report))
+    write_text_atomic(args.out / "serving.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out / "serving.md", markdown(report))
     print(markdown(report))
 
 

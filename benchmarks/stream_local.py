@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cosa.files import write_text_atomic  # noqa: E402
 from cosa.serving.runners import OnnxRuntimeRunner  # noqa: E402
 from cosa.serving.stream import StreamSummary, run_stream  # noqa: E402
-from serving import export_demo_artifact, write_atomic, write_jpegs  # noqa: E402
+from serving import export_demo_artifact, write_jpegs  # noqa: E402
 
 
 def one_round(runner: OnnxRuntimeRunner, frames: Path, out: Path) -> StreamSummary:
@@ -100,8 +101,8 @@ def main() -> None:
         "paired_ratios": ratios,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "stream_local.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out / "stream_local.md", markdown(report))
+    write_text_atomic(args.out / "stream_local.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out / "stream_local.md", markdown(report))
     print(markdown(report))
 
 

@@ -32,6 +32,7 @@ import torch
 
 from cosa.config import CosaConfig, apply_overrides, preset
 from cosa.data import write_synthetic_dataset
+from cosa.files import write_text_atomic
 from cosa.train.runlog import read_metrics
 from cosa.train.trainer import train
 
@@ -161,8 +162,10 @@ def main() -> None:
         "warmup": args.warmup,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (args.out / "train_speed.md").write_text(markdown(rows, meta))
+    write_text_atomic(
+        args.out / "train_speed.json", json.dumps({"meta": meta, "rows": rows}, indent=2)
+    )
+    write_text_atomic(args.out / "train_speed.md", markdown(rows, meta))
     print(markdown(rows, meta))
 
 

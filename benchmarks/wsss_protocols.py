@@ -29,6 +29,7 @@ from pathlib import Path
 
 from cosa.checkpoint import load_checkpoint
 from cosa.evaluation.run import evaluate_checkpoint
+from cosa.files import write_text_atomic
 
 PROTOCOLS = ("single pass", "teacher TTA")
 
@@ -117,10 +118,10 @@ def main() -> None:
             rows.append(row)
     meta = {"work": str(args.work), "split": "test"}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "wsss_protocols.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=2)
+    write_text_atomic(
+        args.out / "wsss_protocols.json", json.dumps({"meta": meta, "rows": rows}, indent=2)
     )
-    (args.out / "wsss_protocols.md").write_text(markdown(rows, meta))
+    write_text_atomic(args.out / "wsss_protocols.md", markdown(rows, meta))
     print(markdown(rows, meta))
 
 

@@ -8,9 +8,7 @@ one.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from cosa import __version__
 from cosa.config import CosaConfig, from_dict
 from cosa.errors import CheckpointError, ConfigError
+from cosa.files import atomic_path
 
 if TYPE_CHECKING:
     from cosa.model.deploy import DeployModel
@@ -57,9 +56,8 @@ class Checkpoint:
 def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
     """Write `ckpt` to `path` atomically.
 
-    A temp file in the same folder, fsync, then `os.replace`.
+    A temp file in the same folder, fsync, then `os.replace` (`cosa.files.atomic_path`).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -77,16 +75,8 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         "thresholds": ckpt.thresholds,
         "metrics": ckpt.metrics,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -150,6 +140,22 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         metrics=raw.get("metrics") or {},
         package_version=str(raw.get("package_version", "?")),
     )
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any] | None) -> bool:
+    """Load a checkpoint's `GradScaler` state into `scaler` when there is one to load.
+
+    A disabled scaler (CPU, bf16 or fp32 runs) saves an empty dict, and an enabled scaler refuses
+    to load one ("The source state dict is empty"): a run resumed with FP16 autocast from such a
+    checkpoint starts with a fresh scale instead, which it recalibrates in a few steps.
+
+    Returns:
+        True when `state` was loaded.
+    """
+    if not state:
+        return False
+    scaler.load_state_dict(state)
+    return True
 
 
 def build_teacher_from_checkpoint(ckpt: Checkpoint) -> CosaNet:

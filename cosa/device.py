@@ -17,7 +17,8 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         local_rank: the CUDA device index of this process (DDP).
 
     Raises:
-        ConfigError: an unknown choice, or `cuda` without a visible GPU.
+        ConfigError: an unknown choice, `cuda` without a visible GPU, or fewer GPUs visible
+            than `local_rank + 1` (say, a torchrun with more processes per node than GPUs).
     """
     if choice not in DEVICE_CHOICES:
         raise ConfigError(f"--device must be auto, cpu or cuda, got {choice!r}")
@@ -27,4 +28,10 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         )
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(
+            f"process {local_rank} of this node needs GPU {local_rank} but {count} GPU(s) are "
+            f"visible; start at most {count} process(es) per node, or use --device cpu"
+        )
     return torch.device("cuda", local_rank)

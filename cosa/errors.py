@@ -53,3 +53,9 @@ class ServingError(CosaError):
 
 class InputError(CosaError):
     """A user input (image, video, folder) cannot be read."""
+
+
+class EngineError(ExportError, ServingError):
+    """A TensorRT engine does not load or run (built by another TensorRT or GPU, corrupt, or an
+    input outside its profile). Both an export and a serving problem: the same engine session
+    runs at export verification and at serving time."""

@@ -22,6 +22,10 @@ Policy (what is done to each kind of image, so that nothing is changed silently)
 Only the formats of `SUPPORTED_SUFFIXES` are decoded, whatever the file's name says: Pillow
 identifies the format from the content, and is restricted to `PIL_FORMATS` so that a renamed file
 cannot reach a rarely used decoder.
+
+The decoding itself is `cosa.image_decode.decode_image` (numpy and Pillow only), which the Triton
+ensemble's pre-processing model ships and runs too; this module adds the file checks and names the
+file in every error.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from __future__ import annotations
 import io
 import os
 import stat
-import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from cosa.errors import InputError
+from cosa.image_decode import EMPTY_REASON, PIL_FORMATS, DecodeError, decode_image
 
 __all__ = [
     "PIL_FORMATS",
@@ -47,7 +51,6 @@ __all__ = [
     "load_image_and_orientation",
     "orient_mask",
     "palette_image",
-    "pil_to_rgb",
     "voc_palette",
 ]
 
@@ -56,16 +59,10 @@ SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
 )
 """Lower-case file suffixes taken as images (compare with `path.suffix.lower()`)."""
 
-# Pillow format ids of those suffixes ("JPEG" also opens MPO, the multi-picture JPEG of cameras).
-PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "DIB", "WEBP", "TIFF")
-
 
 def is_image_name(name: str) -> bool:
     """True when `name` ends with a supported image suffix, in any case (`a.JPG`, `b.TiFf`)."""
     return Path(name).suffix.lower() in SUPPORTED_SUFFIXES
-
-
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
 class ImageReadError(InputError):
@@ -145,70 +142,26 @@ def load_image_and_orientation(path: Path | str) -> tuple[np.ndarray, int]:
     _check_file(path)
     try:
         with open(path, "rb") as fh:
-            decoded = Image.open(fh, formats=PIL_FORMATS)
-            _check_pixels(path, decoded.size)
-            decoded.load()
-            orientation = decoded.getexif().get(EXIF_ORIENTATION, 1)
-            orientation = orientation if orientation in _TURN else 1
-            return pil_to_rgb(ImageOps.exif_transpose(decoded), path), orientation
-    except ImageReadError:
-        raise
+            rgb = decode_image(fh)
+            fh.seek(0)
+            return rgb, _exif_orientation(fh)
+    except DecodeError as exc:
+        raise ImageReadError(path, exc.reason) from exc
     except PermissionError as exc:
         raise ImageReadError(path, "permission denied; make the file readable") from exc
     except IsADirectoryError as exc:
         raise ImageReadError(path, "is a folder, not an image file") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageReadError(
-            path, "not an image (content is not JPEG, PNG, BMP, WebP or TIFF)"
-        ) from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, f"refused as a decompression bomb ({exc})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        # Pillow reports truncated and corrupt data as OSError ("image file is truncated"),
-        # SyntaxError (bad headers in some plugins), ValueError or struct.error (short headers).
-        raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from exc
+    except OSError as exc:  # reading failed below Pillow (I/O error, file vanished)
+        raise ImageReadError(path, f"cannot read ({exc.strerror or exc})") from exc
 
 
-def pil_to_rgb(img: Image.Image, path: Path | str = "<image>") -> np.ndarray:
-    """Convert a decoded Pillow image of any supported mode to uint8 RGB.
+def _exif_orientation(fh: io.BufferedReader) -> int:
+    """The EXIF orientation value (1-8) of an image `decode_image` accepted; 1 when it has none.
 
-    Args:
-        img: a loaded Pillow image (orientation already applied).
-        path: used in error messages only.
-
-    Returns:
-        uint8 array (H, W, 3), RGB, C-contiguous.
-
-    Raises:
-        ImageReadError: floating-point images, 32-bit values outside 0-65535, or a mode Pillow
-            cannot convert to RGB.
-    """
-    mode = img.mode
-    if mode == "P" and "transparency" in img.info:
-        img, mode = img.convert("RGBA"), "RGBA"
-    if mode in _ALPHA_MODES:
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)  # (H, W, 4); uint16 avoids overflow
-        rgb = (rgba[..., :3] * rgba[..., 3:4] + 127) // 255  # composite onto black, rounded
-        return np.ascontiguousarray(rgb, dtype=np.uint8)
-    if mode.startswith("I;16") or mode == "I":
-        data = np.asarray(img)
-        if mode == "I" and data.size and (data.min() < 0 or data.max() > 65535):
-            raise ImageReadError(
-                path,
-                f"32-bit integer image with values {data.min()}..{data.max()} outside 0-65535; "
-                "convert it to 8 or 16 bit",
-            )
-        gray = (data.astype(np.uint32) * 255 + 32767) // 65535  # round(v * 255 / 65535)
-        return np.ascontiguousarray(np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2))
-    if mode == "F":
-        raise ImageReadError(
-            path, "floating-point image (mode F) has no defined range; convert it to 8 or 16 bit"
-        )
-    try:
-        rgb_img = img if mode == "RGB" else img.convert("RGB")
-    except ValueError as exc:
-        raise ImageReadError(path, f"colour mode {mode} cannot be converted to RGB") from exc
-    return np.ascontiguousarray(np.asarray(rgb_img, dtype=np.uint8))
+    Read beside the decoder (headers only) so that `cosa.image_decode` stays free of it."""
+    with Image.open(fh, formats=PIL_FORMATS) as image:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    return value if value in _TURN else 1
 
 
 def _check_file(path: Path) -> None:
@@ -231,23 +184,7 @@ def _check_file(path: Path) -> None:
         # A FIFO or device would block or stream forever instead of failing.
         raise ImageReadError(path, "not a regular file (FIFO, socket or device)")
     if st.st_size == 0:
-        raise ImageReadError(path, "empty file (0 bytes)")
-
-
-def _check_pixels(path: Path, size: tuple[int, int]) -> None:
-    """Refuse images above Pillow's decompression-bomb limit, read at call time.
-
-    Pillow itself only warns between 1x and 2x its limit and raises above 2x; one threshold is
-    clearer. Setting `PIL.Image.MAX_IMAGE_PIXELS = None` disables the check, as in Pillow.
-    """
-    limit = Image.MAX_IMAGE_PIXELS
-    width, height = size
-    if limit is not None and width * height > limit:
-        raise ImageReadError(
-            path,
-            f"{width}x{height} = {width * height} pixels is above the decompression-bomb limit of "
-            f"{limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); downscale the image",
-        )
+        raise ImageReadError(path, EMPTY_REASON)
 
 
 def palette_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:

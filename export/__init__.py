@@ -3,7 +3,12 @@ and the `spec.json` sidecar (`cosa.export.spec`).
 
 Entry point: `export_artifacts(checkpoint, out, ExportOptions(...)) -> ExportResult`
 (`cosa.export.pipeline`). The public names below are loaded on first use (PEP 562), so that
-`import cosa.export.spec` (what serving and the Triton tools need) does not import torch or onnx.
+importing one of the small modules serving may use does not import torch or onnx.
+
+Layers (enforced by tests/test_layers.py): export imports the core (`cosa`), never `cosa.serving`.
+Serving may import three modules of export and no other: `spec` (the spec.json sidecar), the
+artifact chooser (which file of an export folder a runtime runs) and `tensorrt_engine` (the
+TensorRT engine session). Those three import nothing else from export.
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from PIL import Image, ImageOps
 from cosa.data import read_rgb
 from cosa.errors import DataError, ExportError
 from cosa.export.layout import FILES, Role
+from cosa.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -162,19 +161,13 @@ def load_calibration_set(
 
 def save_calibration_set(calib: CalibrationSet, path: Path) -> Path:
     """Write `images` (uint8 N x 3 x H x W), `files` and `skipped` to `path` (.npz) atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(
-                fh,
-                images=calib.images,
-                files=np.array(calib.files, dtype=np.str_),
-                skipped=np.array(calib.skipped, dtype=np.str_),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(
+            fh,
+            images=calib.images,
+            files=np.array(calib.files, dtype=np.str_),
+            skipped=np.array(calib.skipped, dtype=np.str_),
+        )
     return path
 
 

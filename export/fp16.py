@@ -11,7 +11,10 @@ repaired here:
     so they are cleared (the same step ModelOpt AutoCast needs, DEPLOYMENT.md) and re-inferred.
 The result passes `onnx.checker` and runs in onnxruntime; `cosa.export.verify` then compares it
 with the FP32 ONNX. Ops in the converter's default block list (Range, TopK, CumSum, Min/Max, ...)
-stay FP32.
+stay FP32, and so do `FP32_OPS`: TensorRT 11 builds every network strongly typed, so an op runs in
+the precision its inputs have in the ONNX, and LayerNorm's variance and Softmax's exponentials
+overflow FP16 (ViT LayerNorm overflow is a known TensorRT complaint; TensorRT 10's weakly typed
+FP16 builds kept them in FP32 on their own).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import onnx
 from cosa.errors import ExportError
 
 logger = logging.getLogger(__name__)
+
+FP32_OPS = ("LayerNormalization", "Softmax")
+"""Op types kept in FP32 (inputs cast up, outputs cast down) in every FP16 graph."""
 
 
 def convert_to_fp16(src: Path, dst: Path, keep_fp32_nodes: Sequence[str] = ()) -> Path:
@@ -51,7 +57,7 @@ def convert_to_fp16(src: Path, dst: Path, keep_fp32_nodes: Sequence[str] = ()) -
         converted = convert_float_to_float16(
             model,
             keep_io_types=True,
-            op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+            op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
             node_block_list=list(keep_fp32_nodes),
         )
     # The converter raises bare ValueError/KeyError/AssertionError on graphs it cannot handle.
@@ -68,8 +74,6 @@ def convert_to_fp16(src: Path, dst: Path, keep_fp32_nodes: Sequence[str] = ()) -
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"FP16 graph converted from {src} is invalid: {exc}") from exc
     onnx.save(converted, str(dst))
-    fp16 = sum(
-        1 for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16
-    )
+    fp16 = sum(1 for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
     logger.info("wrote %s (%d FP16 initializers)", dst, fp16)
     return dst

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,7 +79,7 @@ from cosa.export.verify import (
     random_images,
     torch_runner,
 )
-from cosa.files import replace_folder
+from cosa.files import new_staging_folder, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +286,6 @@ def export_artifacts(checkpoint: Path, out: Path, options: ExportOptions) -> Exp
         model, ckpt = load_deploy_model(checkpoint)
         spec, warnings = _build(stage, model, ckpt, checkpoint, options, calibration)
         write_spec(spec, stage)
-        _make_readable(stage)
         _install(stage, out, previous)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -558,19 +556,11 @@ def _make_stage(out: Path) -> Path:
     """
     parent = out.absolute().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+        return new_staging_folder(out.absolute())
     except OSError as exc:
         raise ExportError(
             f"--out {out}: cannot write to {parent} ({exc.strerror or exc}); pass a writable folder"
         ) from exc
-
-
-def _make_readable(stage: Path) -> None:
-    """mkdtemp/mkstemp create owner-only files; artifacts are read by servers running as others."""
-    stage.chmod(0o755)
-    for path in stage.iterdir():
-        path.chmod(0o644)
 
 
 def _install(stage: Path, out: Path, previous: bool) -> None:

@@ -11,13 +11,12 @@ Deploy-graph contract (DESIGN.md): input `images` float32 (N, 3, H, W) raw RGB 0
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cosa.errors import ExportError
+from cosa.files import write_text_atomic
 
 SPEC_FORMAT_VERSION = 1
 SPEC_FILENAME = "spec.json"
@@ -142,13 +141,8 @@ class ModelSpec:
 
 def write_spec(spec: ModelSpec, folder: Path) -> Path:
     """Write `folder/spec.json` atomically and return its path."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / SPEC_FILENAME
-    fd, tmp = tempfile.mkstemp(prefix=".spec.", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(spec.to_json_dict(), fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(spec.to_json_dict(), indent=2) + "\n")
     return path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,18 @@ from typing import Any
 import numpy as np
 
 from cosa.choices import Precision
-from cosa.errors import ExportError, MissingDependencyError
+from cosa.errors import ExportError
+from cosa.export import tensorrt_engine
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, ShapeProfile
+from cosa.export.tensorrt_engine import Engine, cuda_device, make_logger, tensorrt_major
+from cosa.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MAJORS = (10, 11)
+# Wording of the missing-dependency messages of `cosa export --trt`.
+_PURPOSE = "--trt"
+_FALLBACK = "export without --trt here and build the engine on the GPU machine"
+
 DEFAULT_WORKSPACE_MIB = 4096
 PRECISIONS: tuple[str, ...] = tuple(Precision)
 
@@ -48,31 +53,12 @@ _TRT10_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}
 
 
 def import_tensorrt() -> ModuleType:
-    """The `tensorrt` module, version 10.x or 11.x.
+    """The `tensorrt` module, version 10.x or 11.x, for `--trt` (see `tensorrt_engine`).
 
     Raises:
-        MissingDependencyError: not installed, or a major version other than 10/11.
+        MissingDependencyError: not installed, or a major version below 10.
     """
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"--trt needs TensorRT 10.x or 11.x, which is not installed ({exc}); install NVIDIA's "
-            "`tensorrt` Python package on a machine with an NVIDIA GPU, or export without --trt"
-        ) from exc
-    major = tensorrt_major(trt)
-    if major < SUPPORTED_MAJORS[0]:
-        raise MissingDependencyError(
-            f"--trt needs TensorRT 10.x or 11.x, found {trt.__version__}; upgrade TensorRT"
-        )
-    if major > SUPPORTED_MAJORS[-1]:
-        logger.warning("TensorRT %s is newer than 11.x; building it like 11.x", trt.__version__)
-    return trt
-
-
-def tensorrt_major(trt: ModuleType) -> int:
-    """Major version of an imported `tensorrt` module (`"10.13.0.35"` -> 10)."""
-    return int(str(trt.__version__).split(".")[0])
+    return tensorrt_engine.import_tensorrt(_PURPOSE, _FALLBACK)
 
 
 def cuda_device_name() -> str:
@@ -83,13 +69,7 @@ def cuda_device_name() -> str:
     """
     import torch
 
-    if not torch.cuda.is_available():
-        raise MissingDependencyError(
-            "--trt needs a CUDA GPU and driver; none is visible on this machine "
-            "(torch.cuda.is_available() is False). Export without --trt here and build the engine "
-            "on the GPU machine"
-        )
-    return str(torch.cuda.get_device_name(0))
+    return str(torch.cuda.get_device_name(cuda_device(0, _PURPOSE, _FALLBACK)))
 
 
 def require_tensorrt() -> tuple[ModuleType, str]:
@@ -139,6 +119,7 @@ def default_timing_cache(tensorrt_version: str, gpu_name: str) -> Path:
 
 def profile_check_shapes(profile: ShapeProfile) -> list[tuple[int, int, int]]:
     """(N, H, W) shapes to compare an engine at: min, opt, and an odd size inside the profile."""
+
     def odd_mid(axis: int) -> int:
         low, high = profile.min[axis], profile.max[axis]
         mid = (low + high) // 2 | 1  # odd: not a multiple of 16
@@ -196,7 +177,7 @@ def build_engine(
     trt, gpu = require_tensorrt()
     major = tensorrt_major(trt)
     cache_path = timing_cache or default_timing_cache(str(trt.__version__), gpu)
-    trt_logger = _make_logger(trt)
+    trt_logger = make_logger(trt)
     started = time.perf_counter()
 
     builder = trt.Builder(trt_logger)
@@ -234,9 +215,9 @@ def build_engine(
             f"TensorRT {trt.__version__} failed to build an engine from {onnx_path} ({detail}); "
             "try a larger workspace or a smaller --max-shape"
         )
-    _write_atomic(plan_path, serialized)
+    write_bytes_atomic(plan_path, memoryview(serialized))
     try:
-        _write_atomic(cache_path, config.get_timing_cache().serialize())
+        write_bytes_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
     except OSError as exc:  # the cache only speeds up the next build; the engine is fine
         logger.warning("could not save the timing cache to %s: %s", cache_path, exc)
     seconds = time.perf_counter() - started
@@ -260,86 +241,50 @@ def parser_errors(parser: Any) -> list[str]:
 
 
 class EngineRunner:
-    """Runs a `model.plan` on CUDA device 0; a numpy-in, numpy-out `verify.Runner`.
-
-    Buffers are torch CUDA tensors (torch is a dependency anyway, so no pycuda/cuda-python).
-    """
+    """Runs a `model.plan` on CUDA device 0; a numpy-in, numpy-out `verify.Runner`."""
 
     def __init__(self, plan_path: Path) -> None:
         """Deserialize the engine.
 
         Raises:
             MissingDependencyError: TensorRT or CUDA missing.
-            ExportError: the plan was built by another TensorRT version or is corrupt.
+            EngineError: (an `ExportError`) the plan was built by another TensorRT version or
+                GPU, or is corrupt.
         """
-        trt, _ = require_tensorrt()
-        self._trt_logger = _make_logger(trt)
-        self._runtime = trt.Runtime(self._trt_logger)
-        self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if self._engine is None:
-            raise ExportError(
-                f"TensorRT {trt.__version__} cannot load {plan_path} (built by another TensorRT "
-                "version or GPU, or corrupt); rebuild it with `cosa export --trt`"
-            )
-        self._context = self._engine.create_execution_context()
-        self._path = plan_path
+        self._engine = Engine(plan_path, purpose=_PURPOSE, fallback=_FALLBACK)
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, 3, H, W) float32 0-255 -> (logits (N, K, H, W) float32, mask (N, H, W) int32).
 
         Raises:
-            ExportError: the shape is outside the engine's profile or execution failed.
+            EngineError: (an `ExportError`) the shape is outside the engine's profile or
+                execution failed.
         """
-        import torch
-
-        device = torch.device("cuda", 0)
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
-        if not self._context.set_input_shape(INPUT_NAME, tuple(x.shape)):
-            raise ExportError(
-                f"input shape {tuple(x.shape)} is outside the optimization profile of {self._path}"
-            )
-        self._context.set_tensor_address(INPUT_NAME, x.data_ptr())
-        outputs = {}
-        for name, dtype in ((LOGITS_NAME, torch.float32), (MASK_NAME, torch.int32)):
-            shape = tuple(self._context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=dtype, device=device)
-            self._context.set_tensor_address(name, outputs[name].data_ptr())
-        stream = torch.cuda.current_stream(device)
-        if not self._context.execute_async_v3(stream.cuda_stream):
-            raise ExportError(f"TensorRT execution of {self._path} failed; see the TensorRT log")
-        stream.synchronize()
-        return outputs[LOGITS_NAME].cpu().numpy(), outputs[MASK_NAME].cpu().numpy()
-
-
-def _make_logger(trt: ModuleType) -> Any:
-    """A `trt.ILogger` that forwards to Python logging and keeps the errors for messages."""
-
-    class _Logger(trt.ILogger):  # type: ignore[misc,name-defined]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            levels = trt.ILogger.Severity
-            if severity in (levels.INTERNAL_ERROR, levels.ERROR):
-                self.errors.append(msg)
-                logger.error("TensorRT: %s", msg)
-            elif severity == levels.WARNING:
-                logger.warning("TensorRT: %s", msg)
-            else:
-                logger.debug("TensorRT: %s", msg)
-
-    return _Logger()
+        out = self._engine.run(images, (LOGITS_NAME, MASK_NAME))
+        return out[LOGITS_NAME], out[MASK_NAME]
 
 
 def _attach_timing_cache(config: Any, path: Path) -> None:
+    """Give the builder the timing cache in `path`, or a fresh one when it cannot be used.
+
+    TensorRT answers a corrupt or foreign cache either by `create_timing_cache` returning None
+    (a file it cannot parse) or by `set_timing_cache` returning False (another version/GPU).
+
+    Raises:
+        ExportError: TensorRT cannot create even an empty cache.
+    """
     data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        logger.warning("timing cache %s is from another TensorRT/GPU; starting a new one", path)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    elif data:
-        logger.info("reusing timing cache %s", path)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        if data:
+            logger.info("reusing timing cache %s", path)
+        return
+    logger.warning(
+        "timing cache %s is corrupt or from another TensorRT/GPU; starting a new one", path
+    )
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise ExportError("TensorRT cannot create an empty timing cache; see the TensorRT log")
 
 
 def _nchw(shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
@@ -349,16 +294,3 @@ def _nchw(shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
 
 def _fmt(shape: tuple[int, ...]) -> str:
     return "x".join(str(v) for v in shape)
-
-
-def _write_atomic(path: Path, data: Any) -> None:
-    """Write bytes (or any buffer, e.g. `trt.IHostMemory`) to `path` via a temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,16 +16,17 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cosa.choices import Backend, WireProtocol, parse_choice
-from cosa.errors import ConfigError, InputError, MissingDependencyError, ServingError
+from cosa.errors import ConfigError, MissingDependencyError, ServingError
 from cosa.export.layout import ArtifactChoice, Machine, Runtime, open_artifact
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, SPEC_FILENAME, ModelSpec, read_spec
 from cosa.images import voc_palette
+from cosa.serving.runner import LocalRunner, Runner, check_images, images_to_batch
+from cosa.serving.triton_names import DEFAULT_MODEL_NAME
 
 if TYPE_CHECKING:
     import torch
@@ -46,85 +47,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRITON_MODEL = "cosa_seg"  # `cosa triton repo`'s default model name
-
-
-@runtime_checkable
-class Runner(Protocol):
-    """What the batch and stream pipelines need from a backend (the Triton client included).
-
-    A runner may also have `parallel_calls: int`, the number of concurrent `infer` calls it
-    serves better than one call at a time (`OnnxRuntimeRunner` on CPU); the segment pipeline
-    keeps that many calls running. Without it, calls are made one at a time. Local runners of an
-    export folder have `artifact`, the `ArtifactChoice` of the file they run
-    (`describe_runner` reports what any runner runs).
-    """
-
-    @property
-    def spec(self) -> ModelSpec:
-        """Class names, palette and tensor names of the model."""
-        ...
-
-    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Segment one batch.
-
-        Args:
-            images: float32 (N, 3, H, W), raw RGB 0-255.
-
-        Returns:
-            {"mask": int32 (N, H, W)} and, if the runner was asked for them, "logits" float32
-            (N, K, H, W).
-        """
-        ...
-
-    def close(self) -> None:
-        """Release sessions, engines, connections. Idempotent."""
-        ...
-
-
-def images_to_batch(images: Sequence[np.ndarray]) -> np.ndarray:
-    """Stack same-size uint8 RGB images (H, W, 3) into the deploy input float32 (N, 3, H, W), 0-255.
-
-    Raises:
-        ValueError: empty sequence or images of different sizes.
-    """
-    if not images:
-        raise ValueError("images_to_batch needs at least one image")
-    stacked = np.stack(images)  # (N, H, W, 3); raises on size mismatch
-    return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2), dtype=np.float32)
-
-
-def check_images(images: np.ndarray) -> None:
-    """Validate a deploy-graph input batch.
-
-    Raises:
-        InputError: not float32 (N, 3, H, W) with N, H, W >= 1.
-    """
-    if not isinstance(images, np.ndarray) or images.dtype != np.float32:
-        raise InputError(
-            f"images must be a float32 numpy array, got {type(images).__name__} "
-            f"{getattr(images, 'dtype', '')}"
-        )
-    if images.ndim != 4 or images.shape[1] != 3 or min(images.shape) < 1:
-        raise InputError(f"images must be (N, 3, H, W) RGB, got shape {images.shape}")
-
-
-class LocalRunner:
-    """Base of the local runners: `with runner:` closes it on the way out."""
-
-    def close(self) -> None:  # overridden
-        pass
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+DEFAULT_TRITON_MODEL = DEFAULT_MODEL_NAME  # `cosa triton repo`'s default model name
 
 
 # ------------------------------------------------------------------------------------- onnxruntime

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -40,7 +41,9 @@ from cosa.export.spec import (
     deploy_inputs,
     deploy_outputs,
 )
-from cosa.serving.triton_repo import (
+from cosa.images import ImageReadError
+from cosa.serving.triton_names import (
+    DEFAULT_MODEL_NAME,
     ENSEMBLE_INPUT_NAME,
     PNG_OUTPUT_NAME,
     ensemble_model_name,
@@ -60,6 +63,8 @@ T = TypeVar("T")
 
 _TRANSIENT_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.ABORTED")
 _TRANSIENT_HTTP = ("429", "502", "503", "504")
+# The ensemble's pre-processing model's error for an undecodable image (preprocess_model.py).
+_UNDECODABLE = re.compile(r"cannot decode image (?P<index>\d+) of the request: (?P<reason>.+)$")
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,7 @@ class TritonSegmentationClient:
         self,
         url: str,
         protocol: WireProtocol | str = WireProtocol.GRPC,
-        model_name: str = "cosa_seg",
+        model_name: str = DEFAULT_MODEL_NAME,
         spec: ModelSpec | None = None,
         timeout_s: float = 60.0,
         *,
@@ -530,24 +535,32 @@ class TritonSegmentationClient:
             # Cancel what is still outstanding when the consumer stops early or on error.
             self._client.stop_stream(cancel_requests=not finished)
 
-    def infer_encoded(self, images: Sequence[bytes], *, ids: bool = False) -> dict[str, Any]:
+    def infer_encoded(
+        self, images: Sequence[bytes], *, ids: bool = False, names: Sequence[str] | None = None
+    ) -> dict[str, Any]:
         """Segments encoded images (JPEG/PNG/... file bytes) with the repository's ensemble.
 
-        The server decodes them (EXIF orientation applied) and encodes the masks as palette PNGs.
-        All images of one call must have the same displayed size; send one per call otherwise.
+        The server decodes them with the library's decoder (`cosa.images`' policy) and encodes
+        the masks as palette PNGs. All images of one call must have the same displayed size;
+        send one per call otherwise.
 
         Args:
             images: encoded image files, 1 <= len <= max batch.
             ids: also return the raw class ids.
+            names: the files' names, one per image, for errors.
 
         Returns:
             {"mask_png": list of PNG bytes} plus {"mask": int32 (N, H, W)} if asked.
 
         Raises:
-            InputError: no images or more than the max batch.
-            ServingError: no ensemble on the server, or the request failed (e.g. undecodable
-                image: the server's message names the reason).
+            InputError: no images or more than the max batch; with `names`, an image the server
+                cannot decode (`ImageReadError` naming the file and the reason, as `load_image`
+                does).
+            ServingError: no ensemble on the server, or the request failed (without `names`, an
+                undecodable image too: the server's message names its index and the reason).
         """
+        if names is not None and len(names) != len(images):
+            raise InputError(f"got {len(names)} names for {len(images)} images")
         if not 1 <= len(images) <= max(self.max_batch, 1):
             raise InputError(
                 f"send 1 to {max(self.max_batch, 1)} images per call, got {len(images)}"
@@ -558,9 +571,16 @@ class TritonSegmentationClient:
             self._ensemble_checked = True
         tensor = self._module.InferInput(ENSEMBLE_INPUT_NAME, [len(images), 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[bytes(b)] for b in images], dtype=np.object_))
-        names = [PNG_OUTPUT_NAME, MASK_NAME] if ids else [PNG_OUTPUT_NAME]
-        outputs = [self._module.InferRequestedOutput(name) for name in names]
-        result = self._with_retries(lambda: self._infer_once(ensemble, [tensor], outputs))
+        requested = [PNG_OUTPUT_NAME, MASK_NAME] if ids else [PNG_OUTPUT_NAME]
+        outputs = [self._module.InferRequestedOutput(name) for name in requested]
+        try:
+            result = self._with_retries(lambda: self._infer_once(ensemble, [tensor], outputs))
+        except ServingError as exc:
+            undecodable = _UNDECODABLE.search(str(exc))
+            if names is None or undecodable is None:
+                raise
+            index, reason = int(undecodable["index"]), undecodable["reason"]
+            raise ImageReadError(names[index], reason) from exc
         parsed: dict[str, Any] = {
             PNG_OUTPUT_NAME: [bytes(item) for item in result.as_numpy(PNG_OUTPUT_NAME).reshape(-1)]
         }

@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING
@@ -65,40 +64,36 @@ from cosa.export.spec import (
     TensorSpec,
     read_spec,
 )
+from cosa.files import new_staging_folder, replace_folder
+from cosa.serving.triton_names import (
+    DEFAULT_MODEL_NAME,
+    ENSEMBLE_INPUT_NAME,
+    PNG_OUTPUT_NAME,
+    ensemble_model_name,
+    postprocess_model_name,
+    preprocess_model_name,
+    triton_dtype,
+)
 from cosa.triton_models import read_template
 
 if TYPE_CHECKING:
     import onnx
 
 __all__ = [
-    "ENSEMBLE_INPUT_NAME",
     "LAYOUT_FILENAME",
-    "PNG_OUTPUT_NAME",
     "RepositoryLayout",
-    "ensemble_model_name",
     "read_layout",
-    "triton_dtype",
     "write_repository",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-ENSEMBLE_INPUT_NAME = "image_bytes"  # ensemble input: (N, 1) encoded JPEG/PNG/... bytes
-PNG_OUTPUT_NAME = "mask_png"  # ensemble output: (N, 1) palette PNG bytes
 LAYOUT_FILENAME = "cosa_repository.json"
+DECODER_MODULE = "cosa_image_decode"  # cosa/image_decode.py as preprocess_model.py imports it
 VERSION = "1"
 MAX_PNG_CLASSES = 256  # a palette PNG holds 256 colours
 
-# numpy dtype name (spec.json) -> Triton datatype (config.pbtxt uses "TYPE_" + this).
-_TRITON_DTYPES = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "uint8": "UINT8",
-    "bool": "BOOL",
-}
 _KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -154,26 +149,6 @@ class RepositoryLayout:
         return data
 
 
-def triton_dtype(numpy_dtype: str) -> str:
-    """Triton's datatype name ("FP32") for a numpy dtype name ("float32") from spec.json.
-
-    Raises:
-        ServingError: a dtype Triton configs cannot express.
-    """
-    try:
-        return _TRITON_DTYPES[numpy_dtype]
-    except KeyError:
-        raise ServingError(
-            f"dtype {numpy_dtype!r} in spec.json has no Triton equivalent "
-            f"(supported: {', '.join(_TRITON_DTYPES)}); re-export the model"
-        ) from None
-
-
-def ensemble_model_name(model_name: str) -> str:
-    """Name of the bytes-in ensemble that belongs to segmentation model `model_name`."""
-    return f"{model_name}_ensemble"
-
-
 def read_layout(repo: Path) -> RepositoryLayout:
     """Reads `repo/cosa_repository.json`.
 
@@ -207,7 +182,7 @@ def write_repository(
     instances: int = 1,
     preferred_batch: Sequence[int] = (),
     max_queue_delay_us: int = 100,
-    model_name: str = "cosa_seg",
+    model_name: str = DEFAULT_MODEL_NAME,
     *,
     instance_kind: InstanceKind | str | None = None,
     precision: str | None = None,
@@ -284,8 +259,8 @@ def write_repository(
         root=out,
         platform=platform,
         segmentation=model_name,
-        preprocess=f"{model_name}_preprocess" if ensemble else None,
-        postprocess=f"{model_name}_postprocess" if ensemble else None,
+        preprocess=preprocess_model_name(model_name) if ensemble else None,
+        postprocess=postprocess_model_name(model_name) if ensemble else None,
         ensemble=ensemble_model_name(model_name) if ensemble else None,
         max_batch=max_batch,
         artifact=choice.to_json(),
@@ -302,8 +277,7 @@ def write_repository(
         ort_tensorrt,
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = new_staging_folder(out)
     try:
         seg_dir = tmp / layout.segmentation
         _write_model(seg_dir, seg_config)
@@ -316,7 +290,7 @@ def write_repository(
         if ensemble:
             _write_ensemble(tmp, values)
         (tmp / LAYOUT_FILENAME).write_text(json.dumps(layout.to_json_dict(), indent=2) + "\n")
-        _move_into_place(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -597,6 +571,9 @@ def _write_ensemble(root: Path, values: dict[str, str]) -> None:
         name = values[role]
         _write_model(root / name, _render(f"{role}.pbtxt", {**values, "name": name}))
         _copy_template(code, root / name / VERSION / "model.py")
+    # The pre-processing model decodes with the library's own decoder, shipped beside it.
+    decoder = resources.files("cosa").joinpath("image_decode.py").read_text(encoding="utf-8")
+    (root / values["preprocess"] / VERSION / f"{DECODER_MODULE}.py").write_text(decoder)
     # An ensemble needs an (empty) version folder like every other model.
     name = values["ensemble"]
     _write_model(root / name, _render("ensemble.pbtxt", {**values, "name": name}))
@@ -625,14 +602,3 @@ def _tensor(tensors: Sequence[TensorSpec], name: str) -> TensorSpec:
 def _dims(tensor: TensorSpec) -> str:
     """config.pbtxt dims: the spec's shape without the batch dimension (-1 = variable)."""
     return ", ".join(str(d) for d in tensor.shape[1:])
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Renames the finished repository to `out`, replacing an earlier one if there is one."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

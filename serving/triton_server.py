@@ -47,6 +47,7 @@ from types import FrameType, TracebackType
 from typing import Any, NamedTuple, TextIO
 
 from cosa.errors import MissingDependencyError, ServingError
+from cosa.files import staged_folder, write_text_atomic
 
 __all__ = [
     "CONTAINER_IMAGE",
@@ -175,7 +176,7 @@ def setup_triton(home: Path | None = None, *, force: bool = False) -> TritonInst
     except MissingDependencyError as exc:
         if requirements == list(SERVER_ENV_REQUIREMENTS):
             raise
-        logger.warning("%s; retrying without pinning onnxruntime", exc)
+        logger.warning("%s; retrying without pinning onnxruntime and Pillow", exc)
         requirements = list(SERVER_ENV_REQUIREMENTS)
         _pip_install_into(install.env_dir, requirements)
     _check_server_env(install.env_dir)
@@ -186,33 +187,36 @@ def setup_triton(home: Path | None = None, *, force: bool = False) -> TritonInst
         "python": sys.version.split()[0],
         "libdir": sysconfig.get_config_var("LIBDIR"),
     }
-    _write_atomic(install.root / _MARKER, json.dumps(marker, indent=2) + "\n")
+    write_text_atomic(install.root / _MARKER, json.dumps(marker, indent=2) + "\n")
     logger.info("Triton server ready in %s", install.root)
     return install
 
 
 def _server_env_requirements() -> list[str]:
-    """SERVER_ENV_REQUIREMENTS with onnxruntime pinned to the client side's version, if any, so
-    that served and local masks come from the same kernels."""
+    """SERVER_ENV_REQUIREMENTS with onnxruntime and Pillow pinned to the client side's versions,
+    if installed, so that served and local masks come from the same kernels and the ensemble
+    decodes images with the same Pillow (and its bundled codecs) as `cosa segment`."""
     from importlib import metadata
 
-    try:
-        local = metadata.version("onnxruntime")
-    except metadata.PackageNotFoundError:
-        return list(SERVER_ENV_REQUIREMENTS)
-    return [f"onnxruntime=={local}" if r == "onnxruntime" else r for r in SERVER_ENV_REQUIREMENTS]
+    pinned = []
+    for requirement in SERVER_ENV_REQUIREMENTS:
+        if requirement in ("onnxruntime", "Pillow"):
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                requirement = f"{requirement}=={metadata.version(requirement)}"
+        pinned.append(requirement)
+    return pinned
 
 
 def _pip_install_into(target: Path, requirements: list[str]) -> None:
-    """`pip install --target` into a temporary sibling of `target`, then renames it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    cmd = [
-        sys.executable, "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
-        # The target is its own environment: conflicts with the caller's packages do not matter.
-        "--no-warn-conflicts", "--only-binary=:all:", "--target", str(tmp), *requirements,
-    ]  # fmt: skip
+    """`pip install --target` into a staged sibling of `target`, then swaps it in atomically (a
+    failed install leaves the previous one as it was)."""
     logger.info("installing %s into %s", " ".join(requirements), target)
-    try:
+    with staged_folder(target) as tmp:
+        cmd = [
+            sys.executable, "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
+            # The target is its own environment: conflicts with the caller's packages do not matter.
+            "--no-warn-conflicts", "--only-binary=:all:", "--target", str(tmp), *requirements,
+        ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-5:])
@@ -221,12 +225,6 @@ def _pip_install_into(target: Path, requirements: list[str]) -> None:
             raise MissingDependencyError(
                 f"`pip install {' '.join(requirements)}` into {target} failed: {tail}"
             )
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the install is an ordinary folder
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_server_env(env_dir: Path) -> None:
@@ -256,26 +254,12 @@ def _prepare_backends(install: TritonInstall) -> None:
             f"nvidia-pytriton {PYTRITON_VERSION} has no python-backend stub for Python "
             f"{_python_tag()} (it has {', '.join(available)}); run cosa with one of those"
         )
-    tmp = Path(tempfile.mkdtemp(prefix=".backends.tmp-", dir=install.root))
-    try:
+    with staged_folder(install.backends_dir) as tmp:
         python_dir = tmp / "python"
         python_dir.mkdir()
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
             shutil.copy2(wheel / "backends" / "python" / name, python_dir / name)
         (python_dir / "triton_python_backend_stub").symlink_to(stub.resolve())
-        if install.backends_dir.exists():
-            shutil.rmtree(install.backends_dir)
-        tmp.chmod(0o755)
-        os.rename(tmp, install.backends_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def free_ports(count: int = 3) -> list[int]:

@@ -270,6 +270,62 @@ def test_fp16_keeps_requested_nodes_in_fp32(tmp_path: Path) -> None:
     assert weights["w1"] == TensorProto.FLOAT16
 
 
+def _transformer_like_graph() -> onnx.ModelProto:
+    """images -> 1x1 conv (8 ch) -> LayerNormalization -> Softmax over channels -> 1x1 conv."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.05, (8, 3, 1, 1)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (K, 8, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.ones(8, np.float32), "ln_scale"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "ln_bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["images", "w1"], ["f"], name="embed"),
+        helper.make_node("Transpose", ["f"], ["f_nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node(
+            "LayerNormalization", ["f_nhwc", "ln_scale", "ln_bias"], ["normed"], name="norm",
+            axis=-1,
+        ),
+        helper.make_node("Softmax", ["normed"], ["attn"], name="attention", axis=-1),
+        helper.make_node("Transpose", ["attn"], ["a_nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["a_nchw", "w2"], ["logits"], name="classifier"),
+        helper.make_node("ArgMax", ["logits"], ["ids"], name="argmax", axis=1, keepdims=0),
+        helper.make_node("Cast", ["ids"], ["mask"], name="to_int32", to=TensorProto.INT32),
+    ]
+    graph = helper.make_graph(
+        nodes, "transformer_like",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K, "H", "W"]),
+         helper.make_tensor_value_info("mask", TensorProto.INT32, ["N", "H", "W"])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fp16_keeps_layer_norm_and_softmax_in_fp32(tmp_path: Path) -> None:
+    # TensorRT 11 builds every network strongly typed: an op runs in the precision its inputs
+    # have in the ONNX. LayerNorm's variance and Softmax's exponentials overflow FP16 (65504).
+    fp32 = _save(_transformer_like_graph(), tmp_path / "model.onnx")
+    fp16 = convert_to_fp16(fp32, tmp_path / "model.fp16.onnx")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp16)), strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    types.update({v.name: v.type.tensor_type.elem_type for v in model.graph.input})
+    by_name = {n.name: n for n in model.graph.node}
+    for name in ("norm", "attention"):
+        assert [types[i] for i in by_name[name].input] == [TensorProto.FLOAT] * len(
+            by_name[name].input
+        ), name
+        assert types[by_name[name].output[0]] == TensorProto.FLOAT, name
+    assert types["w1"] == TensorProto.FLOAT16 and types["w2"] == TensorProto.FLOAT16
+    report = compare(
+        onnxruntime_runner(fp16), onnxruntime_runner(fp32), random_images([(1, 24, 40)]),
+        artifact=fp16.name, reference_name=fp32.name, images_name="random",
+        tolerance=FP16_TOLERANCE,
+    )
+    assert report.min_mask_agreement >= FP16_TOLERANCE.min_mask_agreement
+
+
 def test_spec_import_stays_light() -> None:
     """Serving imports `cosa.export.spec`: the package door must not pull torch or onnx."""
     code = (

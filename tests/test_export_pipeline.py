@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,10 +349,10 @@ def test_read_only_parent_is_not_writable(
     locked = tmp_path / "locked"
     locked.mkdir()
 
-    def refuse(*args: object, dir: str | os.PathLike | None = None, **kwargs: object) -> str:
-        raise PermissionError(13, "Permission denied", str(dir))
+    def refuse(out: Path) -> Path:  # where the export first writes: its staging folder
+        raise PermissionError(13, "Permission denied", str(out.parent))
 
-    monkeypatch.setattr("tempfile.mkdtemp", refuse)
+    monkeypatch.setattr(pipeline, "new_staging_folder", refuse)
     with pytest.raises(ExportError, match=r"cannot write to .*locked \(Permission denied\)"):
         export_artifacts(checkpoint, locked / "out", ExportOptions())
     assert _entries(locked) == []

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+import tensorrt_fakes
 from onnx import TensorProto, helper, numpy_helper
+from tensorrt_fakes import FakeEngine, install_fake_cuda
 
 from cosa.errors import ExportError, MissingDependencyError
 from cosa.export import tensorrt_build
@@ -50,6 +52,7 @@ class FakeState:
     parse_errors: tuple[str, ...] = ()
     fail_build: bool = False
     accept_cache: bool = True
+    parse_cache: bool = True  # False: create_timing_cache returns None for non-empty data
     plan: bytes = b"\x00SERIALIZED-ENGINE\x01"
     network_flags: list[int] = field(default_factory=list)
     parsed: list[str] = field(default_factory=list)
@@ -135,10 +138,14 @@ def fake_tensorrt(state: FakeState) -> types.ModuleType:
         def add_optimization_profile(self, profile: Profile) -> int:
             return 0
 
-        def create_timing_cache(self, data: bytes) -> TimingCache:
+        def create_timing_cache(self, data: bytes) -> TimingCache | None:
+            if data and not state.parse_cache:
+                return None  # what TensorRT does with a file it cannot parse
             return TimingCache(bytes(data))
 
         def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+            if cache is None:  # the real binding raises TypeError on None
+                raise TypeError("set_timing_cache(): incompatible function arguments")
             state.caches_offered.append(cache.data)
             if cache.data and not state.accept_cache:
                 return False
@@ -352,6 +359,47 @@ def test_mismatched_timing_cache_is_replaced_with_a_warning(
     assert state.caches_offered == [b"from-another-gpu", b""]
     assert any("from another TensorRT/GPU" in r.getMessage() for r in caplog.records)
     assert cache.read_bytes() == b"|build"
+
+
+def test_unparsable_timing_cache_is_replaced_with_a_warning(
+    install_fake: Any, onnx_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = install_fake(FakeState(parse_cache=False))
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"\x00 not a timing cache")
+    with caplog.at_level(logging.WARNING, logger="cosa.export.tensorrt_build"):
+        info = build_engine(onnx_file, tmp_path / "model.plan", PROFILE, "fp32", timing_cache=cache)
+    assert info.path.read_bytes() == state.plan
+    assert state.caches_offered == [b""]  # the fresh cache; the unparsable one never reached it
+    assert any("is corrupt or from another TensorRT/GPU" in r.getMessage() for r in caplog.records)
+    assert cache.read_bytes() == b"|build"  # replaced by the new build's cache
+
+
+def test_engine_runner_runs_the_shared_engine_session(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Export verification and serving run one engine session: same contiguity, device, stream.
+    cuda = install_fake_cuda(monkeypatch)
+    engine = FakeEngine(cuda)
+    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_fakes.fake_tensorrt(engine))
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine bytes")
+    images = np.random.default_rng(0).uniform(0, 255, (2, 3, 24, 20)).astype(np.float32)
+    logits, mask = EngineRunner(plan)(images.transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2))
+    assert logits.shape == (2, 4, 24, 20) and logits.dtype == np.float32
+    np.testing.assert_array_equal(mask, images[:, 0].astype(np.int32))
+    assert engine.executed_on == [(0, cuda.streams[0].cuda_stream)] and cuda.streams[0].cuda_stream
+
+
+def test_engine_runner_reports_a_foreign_plan_as_an_export_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    install_fake_cuda(monkeypatch)
+    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt_fakes.fake_tensorrt(None, "11.4.0"))
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine bytes")
+    with pytest.raises(ExportError, match="TensorRT 11.4.0 cannot deserialize .*model.plan"):
+        EngineRunner(plan)
 
 
 def test_every_parser_error_is_reported(

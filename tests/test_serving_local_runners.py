@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import shutil
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from serving_fixtures import CLASS_NAMES, PALETTE, TINY_SPEC, TinyArtifacts, tiny_artifacts
+from tensorrt_fakes import CudaFakeEngine, FakeEngine, fake_tensorrt, install_fake_cuda
 
 from cosa.errors import (
     CheckpointError,
@@ -25,8 +25,7 @@ from cosa.errors import (
     MissingDependencyError,
     ServingError,
 )
-from cosa.export.spec import write_spec
-from cosa.serving import tensorrt_runner
+from cosa.export.spec import ModelSpec, read_spec, write_spec
 from cosa.serving.runners import (
     OnnxRuntimeRunner,
     Runner,
@@ -329,79 +328,21 @@ def plan_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def plan_of(tmp_path: Path) -> tuple[Path, ModelSpec]:
+    folder = plan_folder(tmp_path)
+    return folder / "model.plan", read_spec(folder)
+
+
 def test_tensorrt_missing_is_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails like an absent package
-    with pytest.raises(MissingDependencyError, match="TensorRT is not installed") as info:
+    with pytest.raises(
+        MissingDependencyError, match="needs TensorRT 10.x or 11.x, which is not installed"
+    ) as info:
         open_runner(plan_folder(tmp_path), "auto")
+    assert "--backend tensorrt" in str(info.value) and "--backend onnxruntime" in str(info.value)
     assert "\n" not in str(info.value)
-
-
-class FakeEngine:
-    """Just enough of `tensorrt.ICudaEngine` / `IExecutionContext` for the runner's plumbing."""
-
-    num_io_tensors = 3
-    names = ["images", "logits", "mask"]
-
-    def __init__(self) -> None:
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-
-    def get_tensor_name(self, i: int) -> str:
-        return self.names[i]
-
-    def get_tensor_dtype(self, name: str) -> str:
-        return {"images": "f32", "logits": "f32", "mask": "i32"}[name]
-
-    def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
-        return [(1, 3, 16, 16), (1, 3, 64, 64), (4, 3, 128, 128)]
-
-    def create_execution_context(self) -> FakeEngine:
-        return self
-
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        n, _, h, w = shape
-        self.shapes = {"images": shape, "logits": (n, 4, h, w), "mask": (n, h, w)}
-        return True
-
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self.shapes[name]
-
-    def set_tensor_address(self, name: str, address: int) -> bool:
-        self.addresses[name] = address
-        return True
-
-    def execute_async_v3(self, stream: int) -> bool:
-        # "Inference": mask = 2 everywhere, written through the address the runner gave.
-        n, h, w = self.shapes["mask"]
-        values = np.full(n * h * w, 2, dtype=np.int32)
-        ctypes.memmove(self.addresses["mask"], values.ctypes.data, values.nbytes)
-        return True
-
-
-def fake_tensorrt(engine: FakeEngine | None) -> types.ModuleType:
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.9.0"  # type: ignore[attr-defined]
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level: int) -> None:
-            self.level = level
-
-    class Runtime:
-        def __init__(self, logger: Logger) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
-            assert data == b"engine bytes"
-            return engine
-
-    trt.Logger = Logger  # type: ignore[attr-defined]
-    trt.Runtime = Runtime  # type: ignore[attr-defined]
-    trt.nptype = lambda t: {"f32": np.float32, "i32": np.int32}[t]  # type: ignore[attr-defined]
-    return trt
 
 
 def test_tensorrt_needs_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -413,13 +354,23 @@ def test_tensorrt_needs_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         TensorRTRunner(plan_folder(tmp_path))
 
 
-def test_tensorrt_engine_from_another_version(
+def test_tensorrt_names_a_gpu_that_does_not_exist(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
 
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(FakeEngine()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"CUDA device 2 does not exist: 2 GPU\(s\) visible"):
+        TensorRTRunner(plan_folder(tmp_path), device_index=2)
+
+
+def test_tensorrt_engine_from_another_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_fake_cuda(monkeypatch)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(None))
-    monkeypatch.setattr(tensorrt_runner, "_cuda_device", lambda index: torch.device("cpu"))
     with pytest.raises(
         ServingError,
         match=r"TensorRT 10.9.0 cannot deserialize .*built with "
@@ -431,22 +382,77 @@ def test_tensorrt_engine_from_another_version(
 def test_tensorrt_runner_plumbing_with_a_fake_engine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import torch
-
-    engine = FakeEngine()
+    cuda = install_fake_cuda(monkeypatch)
+    engine = FakeEngine(cuda)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
-    monkeypatch.setattr(tensorrt_runner, "_cuda_device", lambda index: torch.device("cpu"))
     runner = open_runner(plan_folder(tmp_path), "auto")
     assert isinstance(runner, TensorRTRunner)
     assert runner.profile == ((1, 3, 16, 16), (1, 3, 64, 64), (4, 3, 128, 128))
-    out = runner.infer(batch(2, 20, 30))
+    images = batch(2, 20, 30)
+    out = runner.infer(images)
     assert out["mask"].shape == (2, 20, 30) and out["mask"].dtype == np.int32
-    assert (out["mask"] == 2).all()
+    np.testing.assert_array_equal(out["mask"], images[:, 0].astype(np.int32))
     assert set(engine.addresses) == {"images", "logits", "mask"}
     with pytest.raises(
         InputError, match=r"outside the TensorRT engine's profile \(min \(1, 3, 16, 16\)"
     ):
         runner.infer(batch(1, 8, 200))
+
+
+def test_tensorrt_runner_reads_a_transposed_batch_by_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TensorRT takes a raw pointer: a view whose memory is (N, 3, W, H) must be copied to
+    # (N, 3, H, W) order first, or the engine segments a scrambled image without an error.
+    cuda = install_fake_cuda(monkeypatch)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(FakeEngine(cuda)))
+    images = batch(2, 20, 30)
+    transposed = np.ascontiguousarray(images.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    assert not transposed.flags.c_contiguous
+    with TensorRTRunner(plan_folder(tmp_path)) as runner:
+        np.testing.assert_array_equal(
+            runner.infer(transposed)["mask"], images[:, 0].astype(np.int32)
+        )
+
+
+def test_tensorrt_runner_loads_and_runs_on_its_gpu_with_its_own_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cuda = install_fake_cuda(monkeypatch)
+    engine = FakeEngine(cuda)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
+    with TensorRTRunner(plan_folder(tmp_path), device_index=1) as runner:
+        runner.infer(batch(1, 16, 16))
+        runner.infer(batch(2, 16, 16))
+    assert engine.loaded_on == 1  # deserialised on GPU 1, not on the default GPU 0
+    (stream,) = cuda.streams
+    assert stream.device == 1 and stream.cuda_stream != 0
+    # Both calls on GPU 1 and on the runner's stream, never the legacy default stream 0.
+    assert engine.executed_on == [(1, stream.cuda_stream)] * 2
+    assert (cuda.device, cuda.stream) == (0, 0)  # the caller's device and stream are restored
+
+
+@pytest.mark.gpu
+def test_tensorrt_runner_plumbing_on_a_real_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real CUDA buffers and streams, fake TensorRT: runs on GPU machines without TensorRT."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    engine = CudaFakeEngine()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
+    images = batch(2, 48, 80)
+    transposed = np.ascontiguousarray(images.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    with TensorRTRunner(plan_folder(tmp_path), return_logits=True) as runner:
+        for _ in range(3):
+            out = runner.infer(transposed)
+            np.testing.assert_array_equal(out["mask"], images[:, 0].astype(np.int32))
+            assert out["logits"].shape == (2, 4, 48, 80)
+        handle = runner._engine.stream_handle
+    assert handle not in (0, torch.cuda.current_stream(0).cuda_stream)
+    assert engine.executed_on == [(0, handle)] * 3
 
 
 def test_check_profile() -> None:

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from cli import app
 from cosa.checkpoint import load_checkpoint
 from cosa.data import write_synthetic_dataset
+from cosa.files import stale_temporaries
 from cosa.train.launch import launch
 
 
@@ -90,7 +91,7 @@ def test_run_folder_and_exact_resume_after_kill(tiny_data: Path, tmp_path: Path)
     assert 1 <= stopped_at <= 4
     resumed = launch(_cfg(tiny_data), killed, device="cpu", resume=True, progress=False)
     assert resumed.iterations == 4
-    assert not list((killed / "checkpoints").glob(".*.tmp"))  # a killed save's temp file is swept
+    assert stale_temporaries(killed / "checkpoints") == []  # a killed save's temp file is swept
     again = load_checkpoint(killed / "checkpoints" / "last.pt")
     assert _same_state(final.online, again.online)
     assert _same_state(final.teacher, again.teacher)

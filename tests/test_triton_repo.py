@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
+from cosa import image_decode
 from cosa.errors import ExportError, ServingError
 from cosa.export.spec import (
     INPUT_NAME,
@@ -34,10 +35,10 @@ from cosa.export.spec import (
     write_spec,
 )
 from cosa.serving import triton_repo
+from cosa.serving.triton_names import ENSEMBLE_INPUT_NAME, PNG_OUTPUT_NAME
 from cosa.serving.triton_repo import (
-    ENSEMBLE_INPUT_NAME,
+    DECODER_MODULE,
     LAYOUT_FILENAME,
-    PNG_OUTPUT_NAME,
     read_layout,
     write_repository,
 )
@@ -419,6 +420,8 @@ def backend_module(monkeypatch: pytest.MonkeyPatch):
     """Imports a python-backend model file with `triton_python_backend_utils` stubbed out."""
     stub = types.ModuleType("triton_python_backend_utils")
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    # The decoder the repository writer ships beside preprocess_model.py (a copy of this module).
+    monkeypatch.setitem(sys.modules, DECODER_MODULE, image_decode)
 
     def load(name: str) -> types.ModuleType:
         path = resources.files("cosa.triton_models").joinpath(f"{name}.py")
@@ -444,14 +447,20 @@ def test_preprocess_decodes_every_mode_to_rgb_at_displayed_size(backend_module) 
     assert out.dtype == np.float32 and out.shape == (3, 5, 7)
     np.testing.assert_array_equal(out, rgb.transpose(2, 0, 1))
 
+    # One policy with cosa.images (tests/test_decoder_paths.py compares them file by file):
+    # alpha composited onto black, 16-bit grey scaled by 255 / 65535.
     rgba = np.dstack([rgb, np.full((5, 7), 9, np.uint8)])
-    np.testing.assert_array_equal(decode(encode(Image.fromarray(rgba), "PNG")), out)
+    composited = (rgb.astype(np.uint32) * 9 + 127) // 255
+    np.testing.assert_array_equal(
+        decode(encode(Image.fromarray(rgba), "PNG")), composited.transpose(2, 0, 1)
+    )
 
     gray = decode(encode(Image.fromarray(rgb[..., 0]), "PNG"))
     np.testing.assert_array_equal(gray, np.repeat(rgb[None, ..., 0], 3, axis=0))
 
-    deep = (rgb[..., 0].astype(np.uint16) << 8) | 0xFF  # 16-bit: top byte kept, not clipped
-    np.testing.assert_array_equal(decode(encode(Image.fromarray(deep), "PNG"))[0], rgb[..., 0])
+    deep = (rgb[..., 0].astype(np.uint16) << 8) | 0xFF  # 16-bit: scaled, not clipped to white
+    scaled = (deep.astype(np.uint32) * 255 + 32767) // 65535
+    np.testing.assert_array_equal(decode(encode(Image.fromarray(deep), "PNG"))[0], scaled)
 
     cmyk = decode(encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"))
     assert cmyk.shape == (3, 5, 7)
@@ -463,10 +472,10 @@ def test_preprocess_decodes_every_mode_to_rgb_at_displayed_size(backend_module) 
     assert displayed.shape == (3, 7, 5)
     np.testing.assert_array_equal(displayed, np.rot90(rgb, k=-1).transpose(2, 0, 1))
 
-    with pytest.raises(ValueError, match="empty image bytes"):
+    with pytest.raises(image_decode.DecodeError, match=r"empty file \(0 bytes\)"):
         decode(b"")
-    with pytest.raises(OSError):
-        decode(b"GIF89a truncated")
+    with pytest.raises(image_decode.DecodeError, match="not an image"):
+        decode(b"GIF89a truncated")  # GIF is not one of the decoded formats
 
 
 def test_postprocess_encodes_palette_png_that_decodes_to_the_ids(backend_module) -> None:

@@ -254,12 +254,10 @@ def encoded(array: np.ndarray, fmt: str, **save: object) -> bytes:
 
 
 def displayed_rgb(data: bytes) -> np.ndarray:
-    """Local decoding as the pre-processing model does it: (1, 3, H, W) float32."""
-    from PIL import ImageOps
+    """Local decoding, the library's (the pre-processing model ships it): (1, 3, H, W) float32."""
+    from cosa.image_decode import decode_image
 
-    with Image.open(io.BytesIO(data)) as image:
-        rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.float32)
-    return rgb.transpose(2, 0, 1)[None].copy()
+    return decode_image(data).transpose(2, 0, 1)[None].astype(np.float32)
 
 
 @pytest.mark.triton
@@ -295,6 +293,65 @@ def test_ensemble_turns_image_files_into_palette_pngs(
             client.infer_encoded([b"\x89PNG\r\n\x1a\n truncated"])
         with pytest.raises(ServingError, match="images of one request must share a size"):
             client.infer_encoded([files["png"], files["exif-rotated jpeg"]])
+
+
+@pytest.mark.triton
+def test_awkward_files_give_local_masks_through_the_ensemble(
+    server: TritonServer, local, tmp_path: Path
+) -> None:
+    # The ensemble decodes with the library's decoder: RGBA composited onto black, 16-bit scaled,
+    # CMYK, palette transparency, EXIF orientation as load_image; and the same reasons when not.
+    from awkward_images import write_awkward_images, write_bad_images
+
+    from cosa.images import ImageReadError, load_image
+    from cosa.serving.runners import images_to_batch
+
+    with TritonSegmentationClient(server.grpc_url, "grpc") as client:
+        for name, path in write_awkward_images(tmp_path / "awkward").items():
+            result = client.infer_encoded([path.read_bytes()], ids=True, names=[str(path)])
+            expected = local(images_to_batch([load_image(path)]))[0]
+            np.testing.assert_array_equal(result[MASK_NAME][0], expected, err_msg=name)
+        for name, path in write_bad_images(tmp_path / "bad").items():
+            with pytest.raises(ImageReadError) as served:
+                client.infer_encoded([path.read_bytes()], names=[str(path)])
+            with pytest.raises(ImageReadError) as decoded:
+                load_image(path)
+            assert str(served.value) == str(decoded.value), name
+
+
+@pytest.mark.triton
+def test_cosa_segment_through_triton_equals_local_onnxruntime(
+    server: TritonServer, artifact: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from awkward_images import write_awkward_images, write_bad_images
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    inputs = tmp_path / "inputs"
+    write_awkward_images(inputs)
+    write_bad_images(inputs / "bad")
+    runs = {}
+    for backend in ("triton", "onnxruntime"):
+        out = tmp_path / backend
+        url = ["--url", server.grpc_url] if backend == "triton" else []
+        args = ["segment", str(inputs), "--out", str(out), "--model", str(artifact)]
+        result = CliRunner().invoke(app, [*args, "--backend", backend, *url, "--json"])
+        assert result.exit_code == 1, result.output  # the bad files fail, the rest is written
+        report = json.loads(result.output)
+        runs[backend] = (report, out)
+    (served, served_out), (local_report, local_out) = runs["triton"], runs["onnxruntime"]
+    assert served["processed"] == local_report["processed"] == 7
+    assert served["failed"] == local_report["failed"] and len(served["failed"]) == 4
+    masks = sorted(p.relative_to(local_out) for p in local_out.rglob("*.png"))
+    assert len(masks) == 7 and masks == sorted(
+        p.relative_to(served_out) for p in served_out.rglob("*.png")
+    )
+    for mask in masks:
+        with Image.open(served_out / mask) as a, Image.open(local_out / mask) as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(mask))
 
 
 @pytest.mark.triton

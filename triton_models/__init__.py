@@ -15,6 +15,8 @@ config.pbtxt templates (`string.Template`, `${name}` placeholders, values from s
 python-backend models (copied to `<model>/1/model.py`; they run inside Triton's stub with its own
 numpy < 2 environment and are never imported by cosa):
     onnxruntime_model.py, preprocess_model.py, postprocess_model.py
+preprocess_model.py decodes with `cosa/image_decode.py`, which the writer copies beside it as
+`cosa_image_decode.py`: one decoder on every path.
 """
 
 from __future__ import annotations

@@ -61,9 +61,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -77,7 +74,7 @@ from cosa.data.index import LABELS_FILENAME, SPLIT_DIR, labels_from_mask
 from cosa.data.synth_scene import ClassSpec, ObjectPlan, ScenePlan, render_scene
 from cosa.data.synth_textures import CONTEXTS
 from cosa.errors import DataError
-from cosa.files import replace_folder
+from cosa.files import staged_folder
 from cosa.images import palette_image
 
 logger = logging.getLogger(__name__)
@@ -328,17 +325,10 @@ def write_synthetic_dataset(
     _check_arguments(n_train, n_val, n_test, seed)
     _check_destination(out)
     start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "partial")
-    tmp.mkdir()  # a plain mkdir keeps the user's umask (mkdtemp would make it private)
-    try:
+    with staged_folder(out) as tmp:
         stats, manifest = _write_all(tmp, {"train": n_train, "val": n_val, "test": n_test}, seed,
                                      progress)
         (tmp / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - start
     logger.info("wrote %d synthetic images to %s in %.1f s", stats.images, out, seconds)
     return SynthSummary(root=out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test,
@@ -411,8 +401,3 @@ def _write_all(
         "stats": asdict(stats),
     }
     return stats, manifest
-
-
-def _sibling(out: Path, tag: str) -> Path:
-    """A fresh hidden name next to `out` (same file system, so renames are atomic)."""
-    return out.parent / f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from cosa.device import resolve_device
+from cosa.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -35,6 +36,22 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def check_process_count(nproc: int, choice: str) -> None:
+    """Refuse `--nproc N` on CUDA with fewer than N GPUs visible (one process per GPU).
+
+    Raises:
+        ConfigError: naming N, the GPUs visible and the fix; also the errors of `resolve_device`.
+    """
+    if resolve_device(choice).type != "cuda":
+        return  # gloo on the CPU: any number of processes
+    count = torch.cuda.device_count()
+    if nproc > count:
+        raise ConfigError(
+            f"--nproc {nproc} runs one process per GPU but {count} GPU(s) are visible; pass "
+            f"--nproc {count} or fewer, or --device cpu"
+        )
 
 
 def setup_distributed(device_choice: str) -> DistContext:

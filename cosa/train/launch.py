@@ -15,7 +15,8 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from cosa.config import CosaConfig
-from cosa.train.distributed import free_port
+from cosa.files import write_text_atomic
+from cosa.train.distributed import check_process_count, free_port
 from cosa.train.result import TrainResult
 from cosa.train.trainer import train
 
@@ -57,7 +58,7 @@ def _worker(
         errors.put((rank, _portable(exc)))
         raise
     if rank == 0:
-        (out / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=2))
+        write_text_atomic(out / RESULT_FILE, json.dumps(result.to_json(), indent=2))
 
 
 def launch(
@@ -72,11 +73,13 @@ def launch(
     """Train in this process (`nproc == 1`, or under torchrun) or spawn `nproc` DDP processes.
 
     Raises:
+        ConfigError: `nproc` processes on CUDA with fewer GPUs visible.
         The error of the lowest rank that reported one (every rank stops on a non-finite loss,
         with the same message naming the iteration); the `cosa.errors` kinds of `train`.
     """
     if nproc <= 1 or "WORLD_SIZE" in os.environ:
         return train(cfg, out, device=device, resume=resume, max_iters=max_iters, progress=progress)
+    check_process_count(nproc, device)  # in the children it would be "invalid device ordinal"
     errors = mp.get_context("spawn").SimpleQueue()
     try:
         mp.start_processes(

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from cosa.files import write_text_atomic
+
 
 class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl`.
@@ -32,9 +34,7 @@ class MetricsLog:
                 for line in path.read_text().splitlines()
                 if line.strip() and _record_iteration(line) <= resume_iteration
             ]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
         self._fh = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cosa import __version__
-from cosa.checkpoint import Checkpoint, load_checkpoint
+from cosa.checkpoint import Checkpoint, load_checkpoint, restore_scaler
 from cosa.config import CosaConfig
 from cosa.errors import CheckpointError
 from cosa.model import CosaNet, build_model, make_teacher
@@ -75,8 +75,7 @@ class TrainState:
             self.optimizer.load_state_dict(ckpt.optimizer)
         if ckpt.scheduler is not None:
             self.scheduler.load_state_dict(ckpt.scheduler)
-        if ckpt.scaler is not None:
-            self.scaler.load_state_dict(ckpt.scaler)
+        restore_scaler(self.scaler, ckpt.scaler)
         if ckpt.thresholds is not None:
             self.thresholds.load_state_dict(ckpt.thresholds)
         if ckpt.rng is not None:

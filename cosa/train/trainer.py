@@ -25,6 +25,7 @@ from cosa.data import DatasetIndex
 from cosa.errors import CheckpointError, ConfigError
 from cosa.evaluation.evaluate import CamQuality, EvalResult, evaluate
 from cosa.evaluation.predictors import DeployPredictor
+from cosa.files import remove_stale_temporaries
 from cosa.losses import CosaObjective
 from cosa.train.data import open_run_data, training_batches
 from cosa.train.distributed import DistContext, barrier, setup_distributed, teardown_distributed
@@ -100,8 +101,7 @@ class Trainer:
             raise CheckpointError(
                 f"--resume: no checkpoint at {last}; start the run without --resume"
             )
-        for stale in self.ckpt_dir.glob(".*.tmp"):  # left by a save that was killed midway
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(self.ckpt_dir)  # left by a save that was killed midway
         return load_checkpoint(last, map_location="cpu")
 
     # ----------------------------------------------------------------------------------- the loop

@@ -5,13 +5,13 @@ The grid shows image, CAM, CPL, SPL, prediction, ground truth.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from cosa.files import atomic_path
 
 COLUMNS = ("image", "CAM", "CPL", "SPL", "prediction", "ground truth")
 
@@ -25,11 +25,8 @@ def colorize(ids: np.ndarray, palette: list[list[int]]) -> np.ndarray:
 
 
 def _save_png_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def save_grid(
@@ -93,9 +90,8 @@ def save_curves(records: list[dict[str, Any]], path: Path) -> None:
     ax_miou.set_ylim(0, 1)
     ax_miou.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
