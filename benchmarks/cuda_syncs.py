@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 import torch
+from train_speed import FULL_STEP, timing_loop  # benchmarks/ is the script's own folder
 
 from cosa.config import apply_overrides, preset
 from cosa.data import write_synthetic_dataset
@@ -69,23 +70,7 @@ def count_syncs(steps: int, warmup: int, work: Path) -> dict[str, Any]:
     data = work / "data"
     write_synthetic_dataset(data, 16, 2, 0, seed=0)
     total = warmup + steps
-    cfg = apply_overrides(
-        preset("voc"),
-        {
-            "data.root": str(data),
-            "data.train_split": "train",
-            "data.val_split": "val",
-            "data.test_split": None,
-            "train.max_iters": total,
-            "train.eval_every": total,
-            "train.checkpoint_every": total,
-            "train.eval_max_images": 1,
-            "train.vis_images": 0,
-            "model.pretrained": None,
-            "loss.warmup_iters": 0,
-            "loss.warmup_ramp": 0,
-        },
-    )
+    cfg = apply_overrides(preset("voc"), {**timing_loop(data, total, eval_images=1), **FULL_STEP})
     records: list[dict[str, Any]] = []
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from train_speed import timing_loop  # noqa: E402  (benchmarks/ is the script's own folder)
+
 # Runs inside the side's tree (PYTHONPATH); uses only APIs both trees have.
 DRIVER = r"""
 import json, resource, statistics, sys
@@ -68,16 +70,7 @@ class Side:
 def run_once(side: Side, data: Path, out: Path, phase: str, warmup: int, iters: int) -> dict:
     steps = warmup + iters
     overrides = {
-        "data.root": str(data),
-        "data.train_split": "train",
-        "data.val_split": "val",
-        "data.test_split": None,
-        "train.max_iters": steps,
-        "train.eval_every": steps,
-        "train.checkpoint_every": steps,
-        "train.eval_max_images": 2,
-        "train.vis_images": 0,
-        "model.pretrained": None,
+        **timing_loop(data, steps),
         "loss.warmup_ramp": 0,
         "loss.warmup_iters": steps + 1 if phase == "warm-up" else 0,
     }

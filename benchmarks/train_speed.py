@@ -40,10 +40,15 @@ REFERENCE_PAPER_SEC_PER_IT = 0.92  # the reference code, 2x RTX 3090 (METHOD.md)
 GOAL_PAPER_SEC_PER_IT = 0.3  # one H100 with autocast (the training issue, item 8)
 
 
-def configurations(data: Path, steps: int) -> list[tuple[str, str, CosaConfig]]:
-    """(group, row name, config) triples; `--configs` picks groups. Every run: `steps`
-    iterations, one evaluation at the end on 2 images."""
-    loop = {
+# The full CoSA step from the first iteration.
+FULL_STEP = {"loss.warmup_iters": 0, "loss.warmup_ramp": 0}
+
+
+def timing_loop(data: Path, steps: int, eval_images: int = 2) -> dict[str, object]:
+    """Overrides of a timing run on the synthetic set at `data` (train/val splits): `steps`
+    iterations, no pictures, random weights, one evaluation and one checkpoint at the end.
+    Shared by the training benchmarks (train_speed, train_ab, cuda_syncs)."""
+    return {
         "data.root": str(data),
         "data.train_split": "train",
         "data.val_split": "val",
@@ -51,12 +56,18 @@ def configurations(data: Path, steps: int) -> list[tuple[str, str, CosaConfig]]:
         "train.max_iters": steps,
         "train.eval_every": steps,
         "train.checkpoint_every": steps,
-        "train.eval_max_images": 2,
+        "train.eval_max_images": eval_images,
         "train.vis_images": 0,
         "model.pretrained": None,
     }
+
+
+def configurations(data: Path, steps: int) -> list[tuple[str, str, CosaConfig]]:
+    """(group, row name, config) triples; `--configs` picks groups. Every run: `steps`
+    iterations, one evaluation at the end on 2 images."""
+    loop = timing_loop(data, steps)
     demo = apply_overrides(preset("demo"), loop)
-    full_step = {"loss.warmup_iters": 0, "loss.warmup_ramp": 0}
+    full_step = FULL_STEP
     return [
         (
             "demo",
