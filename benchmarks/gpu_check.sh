@@ -14,8 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/gpu}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
+source benchmarks/gpu_setup.sh
 status=()
 
 part() {  # part NAME SECONDS COMMAND...: run with a limit, record its exit status
@@ -28,14 +27,6 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, record its exit stat
   echo "=== $name: exit $rc after $((SECONDS - start)) s"
   status+=("$name=$rc/$((SECONDS - start))s")
 }
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/cosa_site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/cosa_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-"$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 # Modules that import tritonclient at the top hold no GPU tests.
 part gpu_tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs \

@@ -95,9 +95,9 @@ def test_metrics(key: str, test: dict) -> dict:
     }
 
 
-def run_variant(key: str, cfg: CosaConfig, out: Path) -> dict:
+def run_variant(key: str, cfg: CosaConfig, out: Path, device: str) -> dict:
     start = time.perf_counter()
-    result = train(cfg, out, device="cpu", progress=False)
+    result = train(cfg, out, device=device, progress=False)
     return {
         "variant": key,
         "description": VARIANTS[key][0],
@@ -111,14 +111,14 @@ def run_variant(key: str, cfg: CosaConfig, out: Path) -> dict:
     }
 
 
-def rescore(rows_dir: Path, work: Path, data: Path, keys: str, seed: int) -> None:
+def rescore(rows_dir: Path, work: Path, data: Path, keys: str, seed: int, device: str) -> None:
     """Score the stored runs' best.pt on test again (after a change of the metrics, not of the
     training) and update their rows in place; timings and selection are kept."""
     for key in keys:
         path = rows_dir / f"{key}_seed{seed}.json"
         part = json.loads(path.read_text())
         checkpoint = work / f"{key}_seed{seed}" / "checkpoints" / "best.pt"
-        test = evaluate_checkpoint(checkpoint, data, split="test", device="cpu").to_json()
+        test = evaluate_checkpoint(checkpoint, data, split="test", device=device).to_json()
         part["row"].update(test_metrics(key, test))
         path.write_text(json.dumps(part))
         print(json.dumps(part["row"]), flush=True)
@@ -202,10 +202,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
     def coverage(v: float | None) -> str:
         return "" if v is None else f" ({100 * v:.0f}%)"
 
+    where = meta.get("device", "cpu")
+    where = f"CPU ({meta['threads']} threads)" if where == "cpu" else where
+    overrides = ", ".join(f"`{o}`" for o in meta.get("overrides", []))
     lines = [
         f"Synthetic benchmark ({meta['train']}/{meta['val']}/{meta['test']} images, data seed "
         f"{meta['data_seed']}), {meta['iters']} iterations per run, batch {meta['batch']}, crop "
-        f"{meta['crop']}, CPU ({meta['threads']} threads). mIoU in % on the test split; "
+        f"{meta['crop']}, {where}{', overrides ' + overrides if overrides else ''}. "
+        "mIoU in % on the test split; "
         "best checkpoint chosen on val. CPL mIoU is scored on the pixels the pseudo-label does "
         "not ignore; coverage = their share of the labelled pixels.",
         "",
@@ -237,6 +241,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path("runs/bench_wsss"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (CUDA runs use the preset's autocast)"
+    )
     parser.add_argument(
         "--rescore",
         action="store_true",
@@ -276,12 +283,13 @@ def main() -> None:
         "batch": base.train.batch_size,
         "crop": base.data.crop_size,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "overrides": args.overrides,
     }
     rows_dir = args.out / "wsss_synth"  # one file per variant: variants can run in parallel
     rows_dir.mkdir(parents=True, exist_ok=True)
     if args.rescore:
-        rescore(rows_dir, args.work, data, args.variants, args.seed)
+        rescore(rows_dir, args.work, data, args.variants, args.seed, args.device)
         write_tables(rows_dir, args.out)
         return
     for key in args.variants:
@@ -289,7 +297,7 @@ def main() -> None:
         run_dir = args.work / f"{key}_seed{args.seed}"
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        row = run_variant(key, cfg, run_dir)
+        row = run_variant(key, cfg, run_dir, args.device)
         print(json.dumps(row), flush=True)
         (rows_dir / f"{key}_seed{args.seed}.json").write_text(
             json.dumps({"meta": meta, "row": row})
