@@ -40,10 +40,12 @@ def main() -> None:
     parser.add_argument("--after", type=Path, required=True, help="rows folder of the new run")
     parser.add_argument("--variants", default="bf")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    parser.add_argument("--caption", default="", help="a paragraph above the table")
     args = parser.parse_args()
     before, after = _rows(args.before, args.variants), _rows(args.after, args.variants)
     keys = sorted(before.keys() & after.keys())
-    lines = [
+    lines = [args.caption, ""] if args.caption else []
+    lines += [
         "| | variant | seed | run | " + " | ".join(name for _, name in COLUMNS) + " | s/it |",
         "|---|---|---:|---|" + "---:|" * (len(COLUMNS) + 1),
     ]

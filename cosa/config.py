@@ -277,9 +277,10 @@ def _demo() -> CosaConfig:
         # 400 iterations, against 0.1, weights 1, 2, 4 and 8 gave +2.4, +3.7, +5.0 and +6.1
         # points of test mIoU (two seeds each), and an EMA momentum of 0.98 instead of 0.99 one
         # more point: benchmarks/results/wsss_synth_seg_weight.md.
-        # reference_warmup off: the demo's weights were tuned without it, and with it (plus the LR
-        # warm-up without the poly factor) variant b of benchmarks/wsss_synth.py fell from 52.7
-        # to 48.7 test mIoU (seed 0; benchmarks/results/wsss_synth_core15_compare.md).
+        # reference_warmup off: the demo's weights were tuned without it; with it, test mIoU of
+        # benchmarks/wsss_synth.py fell on every one of 5 seeds, by 0.8 points on average for
+        # the demo (variant f) and 2.9 for variant b
+        # (benchmarks/results/wsss_warmup_gpu/compare.md).
         loss=replace(
             base.loss,
             warmup_iters=120,
