@@ -1,9 +1,10 @@
 """Rows of two `wsss_synth.py` runs side by side: the same variants and seeds before and after a
 change of the training code, with the difference in test mIoU.
 
-    python benchmarks/wsss_synth_compare.py --before benchmarks/results/wsss_synth \\
-        --after benchmarks/results/wsss_synth_core15/wsss_synth --variants bf \\
-        --out benchmarks/results/wsss_synth_core15_compare
+    python benchmarks/wsss_synth_compare.py \\
+        --before benchmarks/results/wsss_core15_gpu/pre15/wsss_synth \\
+        --after benchmarks/results/wsss_warmup_gpu/off/wsss_synth --variants bf \\
+        --out benchmarks/results/wsss_core15_gpu/compare
 """
 
 from __future__ import annotations
