@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import tempfile
 from pathlib import Path
@@ -83,9 +84,22 @@ def configurations(data: Path, steps: int) -> list[tuple[str, str, CosaConfig]]:
     ]
 
 
+def _process_cost() -> tuple[float, int]:
+    """(system CPU seconds, minor page faults) so far of this process and its reaped children
+    (the data-loader workers)."""
+    own, children = (
+        resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_stime + children.ru_stime, own.ru_minflt + children.ru_minflt
+
+
 def measure(cfg: CosaConfig, out: Path, device: str, warmup: int) -> dict:
-    """Train `cfg` into `out`; the steady per-step timings of its metrics.jsonl."""
+    """Train `cfg` into `out`; the steady per-step timings of its metrics.jsonl, and the system
+    time and minor page faults per step over the whole run (set-up and the final evaluation
+    included: they are the kernel's share of the step, which glibc's default malloc inflates)."""
+    sys_before, faults_before = _process_cost()
     result = train(cfg, out, device=device, progress=False)
+    sys_after, faults_after = _process_cost()
     steps = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "step"]
     steady = [r["sec_per_it"] for r in steps[warmup:]]
     median = statistics.median(steady)
@@ -99,6 +113,8 @@ def measure(cfg: CosaConfig, out: Path, device: str, warmup: int) -> dict:
         "sec_per_it_median": median,
         "sec_per_it_mean": statistics.fmean(steady),
         "images_per_sec": cfg.train.batch_size / median,
+        "sys_s_per_step": (sys_after - sys_before) / len(steps),
+        "minor_faults_per_step": (faults_after - faults_before) / len(steps),
         "iterations": result.iterations,
     }
 
@@ -110,16 +126,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Device {meta['device_name']}, torch {meta['torch']}, {meta['threads']} CPU threads, "
         f"autocast: {meta['amp']}. Median of {meta['iters']} steps after {meta['warmup']} "
         "dropped ones. Command: `python benchmarks/train_speed.py "
-        f"--configs {meta['configs']} --device {meta['device']}`.",
+        f"--configs {meta['configs']} --device {meta['device']}`. System time and minor page "
+        "faults: the whole run's (set-up and the final 2-image evaluation included) over its steps.",
         "",
-        "| configuration | backbone | batch | crop | teacher scales | s/it (median) | images/s |",
-        "|---|---|---:|---:|---|---:|---:|",
+        "| configuration | backbone | batch | crop | teacher scales | s/it (median) | images/s "
+        "| system s/step | minor faults/step |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         teacher = ", ".join(map(str, r["teacher_scales"])) or "none"
         lines.append(
             f"| {r['name']} | {r['backbone']} | {r['batch']} | {r['crop']} | {teacher} | "
-            f"{r['sec_per_it_median']:.3f} | {r['images_per_sec']:.2f} |"
+            f"{r['sec_per_it_median']:.3f} | {r['images_per_sec']:.2f} | "
+            f"{r.get('sys_s_per_step', float('nan')):.3f} | "
+            f"{r.get('minor_faults_per_step', float('nan')):,.0f} |"
         )
     paper = [r for r in rows if r["name"].startswith("paper")]
     if paper:
