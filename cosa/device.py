@@ -35,3 +35,13 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
             f"visible; start at most {count} process(es) per node, or use --device cpu"
         )
     return torch.device("cuda", local_rank)
+
+
+def training_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout training keeps the networks' 4-D weights (and so their activations) in.
+
+    channels_last on the CPU: oneDNN runs convolutions, the depthwise ones above all, faster on
+    NHWC than on NCHW (`benchmarks/results/train_ab_channels_last.md`). CUDA keeps PyTorch's
+    default: the GPU timings (docs/benchmarks.md) were measured with it.
+    """
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cosa import __version__
 from cosa.checkpoint import Checkpoint, load_checkpoint, restore_scaler
 from cosa.config import CosaConfig
+from cosa.device import training_memory_format
 from cosa.errors import CheckpointError
 from cosa.model import CosaNet, build_model, make_teacher
 from cosa.train.distributed import DistContext
@@ -105,7 +106,7 @@ def build_state(
         cfg.model,
         num_classes=len(class_names) - 1,
         load_pretrained=resumed is None and not initialised,
-    ).to(ctx.device)
+    ).to(ctx.device, memory_format=training_memory_format(ctx.device))
     if initialised:
         _initialise(student, Path(cfg.model.init_checkpoint), cfg, class_names)
     teacher = make_teacher(student, copy_heads=cfg.model.copy_heads_to_teacher or initialised).to(
