@@ -8,6 +8,7 @@ Everything a resume needs goes into `checkpoints/last.pt`, atomically, every
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from cosa.files import remove_stale_temporaries
 from cosa.losses import CosaObjective
 from cosa.train.data import open_run_data, training_batches
 from cosa.train.distributed import DistContext, barrier, setup_distributed, teardown_distributed
+from cosa.train.estimate import MIN_STEPS_TO_ESTIMATE, estimate_duration
 from cosa.train.pictures import picture_images, save_teacher_pictures
 from cosa.train.result import TrainResult
 from cosa.train.runlog import DeferredScalars, MetricsLog, read_metrics
@@ -119,6 +121,8 @@ class Trainer:
                 unit="it",
                 dynamic_ncols=True,
             )
+        if bar is not None:
+            self._announce_duration(bar)
         timings: list[float] = []
         records = DeferredScalars()  # no per-step device sync for the log
         while state.iteration < cfg.train.max_iters:
@@ -153,6 +157,32 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self._finish(timings)
+
+    def _announce_duration(self, bar: Any) -> None:
+        """Print how long the rest of the run should take here, timed on a copy of its state
+        (single-process runs of at least `MIN_STEPS_TO_ESTIMATE` steps), and log it."""
+        if self.ctx.distributed:
+            return
+        if self.cfg.train.max_iters - self.state.iteration < MIN_STEPS_TO_ESTIMATE:
+            return
+        first = next(self.batches)
+        self.batches = itertools.chain([first], self.batches)
+        estimate = estimate_duration(
+            self.state,
+            self.objective,
+            self.cfg,
+            self.ctx,
+            self.amp_dtype,
+            first,
+            evaluate_one_image=lambda: self.evaluate_teacher(self.data.val, max_images=1),
+            val_images=len(self.data.val),
+            test_images=len(self.data.test) if self.data.test is not None else 0,
+        )
+        bar.write(estimate.describe())
+        if self.metrics is not None:
+            self.metrics.write(
+                {"kind": "estimate", "iter": self.state.iteration, **estimate.to_json()}
+            )
 
     def _log_step(self, record: dict[str, Any] | None, bar: Any) -> None:
         """Write a step record that `DeferredScalars` read back; stop on a non-finite loss.
