@@ -1,22 +1,26 @@
 """`cosa segment` throughput of this working tree against another git revision, side by side.
 
     .venv/bin/python benchmarks/segment_ab.py --baseline REV [--baseline-set K=V ...]
-        [--current-set K=V ...] [--images 96] [--pairs 5] [--passes 3] [--batch 4]
-        [--name segment_ab] [--out benchmarks/results]
+        [--current-set K=V ...] [--baseline-env NAME=VALUE ...] [--current-env ...]
+        [--images 96] [--pairs 5] [--passes 3] [--batch 4] [--name segment_ab]
+        [--out benchmarks/results]
 
 --baseline is a git revision, or "current" for this working tree on both sides (to compare
 settings). --baseline-set / --current-set change one side's settings from its `cosa segment`
 defaults: workers=N (decode and encode threads), parallel_calls=N (onnxruntime runner; revisions
-without parallel calls ignore it).
+without parallel calls ignore it). --baseline-env / --current-env set environment variables of one
+side's children: `--baseline current --baseline-env COSA_MALLOC=system` measures the allocator
+setting every `cosa` command makes (cosa/allocator.py), which the children make too.
 
 Both sides segment the same folder of --images noise JPEGs (192x256, the costly case for
 decoding) with the same exported demo network (random weights), in process (`segment_inputs`,
 palette PNG masks), opening the runner as that revision's `cosa segment` does. Each child process
 loads one side, warms up with one pass and times --passes passes; children alternate (baseline,
 current, baseline, ...) --pairs times so that the machine's load shifts both alike. Reported:
-images/s per child (median of its passes) and the median of the per-pair ratios current /
-baseline. A baseline revision is checked out with `git worktree` into a temporary folder and
-removed afterwards. Results go to OUT/NAME.json and OUT/NAME.md.
+images/s per child (median of its passes), the median of the per-pair ratios current /
+baseline, and system CPU time and minor page faults per image. A baseline revision is checked
+out with `git worktree` into a temporary folder and removed afterwards.
+Results go to OUT/NAME.json and OUT/NAME.md.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ cosa.__path__.append(tree)
 from cosa.serving import runners
 from cosa.serving.segment import segment_inputs
 assert runners.__file__.startswith(tree) and cosa.__file__.startswith(tree), runners.__file__
+try:  # as the revision's CLI does at start (COSA_MALLOC=system opts out)
+    from cosa.allocator import keep_freed_memory
+except ImportError:
+    pass
+else:
+    keep_freed_memory()
+import resource
 
 artifact, folder, out, batch, passes = sys.argv[2:7]
 settings = json.loads(sys.argv[7])
@@ -66,15 +77,23 @@ else:
 workers = {}
 if "workers" in settings:
     workers = {"decode_workers": settings["workers"], "encode_workers": settings["workers"]}
-speeds = []
+speeds, images = [], 0
 for index in range(int(passes) + 1):
+    if index == 1:  # the first pass warms up
+        before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     summary = segment_inputs([folder], Path(out), runner, batch_size=int(batch), **workers)
     seconds = time.perf_counter() - start
     assert not summary.failed, summary.failed
-    if index:  # the first pass warms up
+    if index:
         speeds.append(summary.processed / seconds)
-print(json.dumps(speeds))
+        images += summary.processed
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({
+    "speeds": speeds,
+    "sys_s_per_image": (after.ru_stime - before.ru_stime) / images,
+    "minor_faults_per_image": (after.ru_minflt - before.ru_minflt) / images,
+}))
 """
 
 
@@ -89,28 +108,51 @@ def parse_settings(pairs: list[str]) -> dict[str, int]:
     return settings
 
 
-def describe(settings: dict[str, int]) -> str:
-    """ "(`cosa segment` defaults)" or "(workers=1, parallel_calls=2)"."""
-    if not settings:
+def describe(settings: dict[str, int], env: dict[str, str]) -> str:
+    """ "(`cosa segment` defaults)" or "(workers=1, parallel_calls=2, COSA_MALLOC=system)"."""
+    items = {**settings, **env}
+    if not items:
         return "(`cosa segment` defaults)"
-    return "(" + ", ".join(f"{key}={value}" for key, value in settings.items()) + ")"
+    return "(" + ", ".join(f"{key}={value}" for key, value in items.items()) + ")"
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    """["COSA_MALLOC=system"] -> {"COSA_MALLOC": "system"}."""
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"bad environment setting {pair!r}: use NAME=VALUE")
+        env[key] = value
+    return env
 
 
 def run_child(
     tree: Path,
     settings: dict[str, int],
+    env: dict[str, str],
     artifact: Path,
     folder: Path,
     out: Path,
     args: argparse.Namespace,
-) -> float:
-    """Median images/s of one child process on `tree`'s code with `settings`."""
+) -> dict[str, float]:
+    """One child process on `tree`'s code with `settings` and `env`: median images/s, and
+    system seconds and minor page faults per image over its timed passes."""
     command = [sys.executable, "-c", CHILD, str(tree), str(artifact), str(folder), str(out)]
     command += [str(args.batch), str(args.passes), json.dumps(settings)]
     completed = subprocess.run(
-        command, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}
+        command,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": "", **env},
     )
-    return float(np.median(json.loads(completed.stdout.strip().splitlines()[-1])))
+    row = json.loads(completed.stdout.strip().splitlines()[-1])
+    return {
+        "images_per_s": float(np.median(row["speeds"])),
+        "sys_s_per_image": row["sys_s_per_image"],
+        "minor_faults_per_image": row["minor_faults_per_image"],
+    }
 
 
 def git(*arguments: str) -> str:
@@ -126,6 +168,14 @@ def main() -> None:
     )
     parser.add_argument("--baseline-set", nargs="*", default=[], metavar="K=V")
     parser.add_argument("--current-set", nargs="*", default=[], metavar="K=V")
+    parser.add_argument(
+        "--baseline-env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the baseline's children, e.g. COSA_MALLOC=system",
+    )
+    parser.add_argument("--current-env", nargs="*", default=[], metavar="NAME=VALUE")
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--passes", type=int, default=3)
@@ -137,6 +187,7 @@ def main() -> None:
         "baseline": parse_settings(args.baseline_set),
         "current": parse_settings(args.current_set),
     }
+    envs = {"baseline": parse_env(args.baseline_env), "current": parse_env(args.current_env)}
 
     work = Path(tempfile.mkdtemp(prefix="cosa-segment-ab-"))
     worktree = work / "baseline"
@@ -149,27 +200,35 @@ def main() -> None:
             commit += " + working tree"
         artifact = export_demo_artifact(work / "artifact", 192, 256, max_batch=8)
         folder = write_jpegs(work / "jpegs", args.images, 192, 256, seed=3)
-        speeds: dict[str, list[float]] = {"baseline": [], "current": []}
+        rows: dict[str, list[dict[str, float]]] = {"baseline": [], "current": []}
         for _ in range(args.pairs):
             for name, tree in trees.items():
                 out = work / f"out_{name}"
-                speeds[name].append(run_child(tree, sides[name], artifact, folder, out, args))
-                print(f"{name:>8}: {speeds[name][-1]:6.1f} img/s", file=sys.stderr)
+                row = run_child(tree, sides[name], envs[name], artifact, folder, out, args)
+                rows[name].append(row)
+                print(f"{name:>8}: {row['images_per_s']:6.1f} img/s", file=sys.stderr)
     finally:
         if worktree.exists():
             git("-C", str(ROOT), "worktree", "remove", "--force", str(worktree))
         shutil.rmtree(work, ignore_errors=True)
 
+    speeds = {name: [row["images_per_s"] for row in side] for name, side in rows.items()}
     ratios = [c / b for b, c in zip(speeds["baseline"], speeds["current"], strict=True)]
+
+    def median(side: str, key: str) -> float:
+        return float(np.median([row[key] for row in rows[side]]))
+
     report = {
         "baseline": args.baseline,
         "baseline_commit": commit,
         "settings": sides,
+        "environments": envs,
         "images": args.images,
         "batch": args.batch,
         "passes": args.passes,
         "cpus": os.cpu_count(),
         "images_per_s": speeds,
+        "children": rows,
         "ratios": ratios,
         "ratio": float(np.median(ratios)),
     }
@@ -178,8 +237,8 @@ def main() -> None:
         "",
         f"{args.images} JPEGs of 192x256, batch {args.batch}, {os.cpu_count()} CPUs; each cell is "
         f"one child process (median of {args.passes} timed passes after a warm-up). Baseline: "
-        f"{commit} {describe(sides['baseline'])}; current: working tree "
-        f"{describe(sides['current'])}.",
+        f"{commit} {describe(sides['baseline'], envs['baseline'])}; current: working tree "
+        f"{describe(sides['current'], envs['current'])}.",
         "",
         "| pair | baseline img/s | current img/s | current / baseline |",
         "|---:|---:|---:|---:|",
@@ -188,7 +247,18 @@ def main() -> None:
         zip(speeds["baseline"], speeds["current"], ratios, strict=True)
     ):
         lines.append(f"| {index + 1} | {b:.1f} | {c:.1f} | {r:.3f} |")
-    lines += ["", f"Median ratio current / baseline: {report['ratio']:.3f}.", ""]
+    lines += [
+        "",
+        f"Median ratio current / baseline: {report['ratio']:.3f}.",
+        "",
+        "| per image, median over children | baseline | current |",
+        "|---|---:|---:|",
+        f"| system CPU s | {median('baseline', 'sys_s_per_image'):.4f} | "
+        f"{median('current', 'sys_s_per_image'):.4f} |",
+        f"| minor page faults | {median('baseline', 'minor_faults_per_image'):,.0f} | "
+        f"{median('current', 'minor_faults_per_image'):,.0f} |",
+        "",
+    ]
     write_text_atomic(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(args.out / f"{args.name}.md", "\n".join(lines))
     print("\n".join(lines))
