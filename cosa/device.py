@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from cosa.choices import Device, parse_choice
 from cosa.errors import ConfigError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     """`auto` -> CUDA when available else CPU; `cuda` without a GPU is a ConfigError.
 
     Args:
-        choice: one of `DEVICE_CHOICES`.
+        choice: a `cosa.choices.Device` value.
         local_rank: the CUDA device index of this process (DDP).
 
     Raises:
         ConfigError: an unknown choice, `cuda` without a visible GPU, or fewer GPUs visible
             than `local_rank + 1` (say, a torchrun with more processes per node than GPUs).
     """
-    if choice not in DEVICE_CHOICES:
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {choice!r}")
+    choice = parse_choice(Device, choice, "device")
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
