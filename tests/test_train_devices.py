@@ -115,3 +115,8 @@ def test_real_cuda_rng_and_scaler_restore() -> None:
     scaler = torch.amp.GradScaler("cuda", init_scale=1024.0, enabled=True)
     assert restore_scaler(scaler, torch.amp.GradScaler("cuda", enabled=False).state_dict()) is False
     assert scaler.get_scale() == 1024.0
+
+
+def test_an_unknown_device_name_is_a_config_error_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match="unknown device 'cdua'; choose one of auto, cpu, cuda"):
+        resolve_device("cdua")
