@@ -64,19 +64,26 @@ def images_to_batch(images: Sequence[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-def check_images(images: np.ndarray) -> None:
-    """Validate a deploy-graph input batch.
+def check_images(images: np.ndarray, one: bool = False) -> None:
+    """Validate a deploy-graph input batch (raw RGB 0-255).
+
+    Args:
+        one: the batch must hold exactly one image (a stream frame).
 
     Raises:
-        InputError: not float32 (N, 3, H, W) with N, H, W >= 1.
+        InputError: not float32 (N, 3, H, W) with N, H, W >= 1 (N = 1 when `one`).
     """
     if not isinstance(images, np.ndarray) or images.dtype != np.float32:
-        raise InputError(
-            f"images must be a float32 numpy array, got {type(images).__name__} "
-            f"{getattr(images, 'dtype', '')}"
-        )
-    if images.ndim != 4 or images.shape[1] != 3 or min(images.shape) < 1:
-        raise InputError(f"images must be (N, 3, H, W) RGB, got shape {images.shape}")
+        got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+        raise InputError(f"images must be a float32 numpy array (raw RGB 0-255), got {got}")
+    if (
+        images.ndim != 4
+        or images.shape[1] != 3
+        or min(images.shape) < 1
+        or (one and len(images) != 1)
+    ):
+        want = "(1, 3, H, W)" if one else "(N, 3, H, W) with N, H, W >= 1"
+        raise InputError(f"images must be {want} RGB, got shape {images.shape}")
 
 
 class LocalRunner:

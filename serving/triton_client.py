@@ -42,6 +42,7 @@ from cosa.export.spec import (
     deploy_outputs,
 )
 from cosa.images import ImageReadError
+from cosa.serving.runner import check_images
 from cosa.serving.triton_names import (
     DEFAULT_MODEL_NAME,
     ENSEMBLE_INPUT_NAME,
@@ -345,7 +346,7 @@ class TritonSegmentationClient:
             raise ServingError(f"Triton request to {self.url} failed: {_describe(exc)}") from exc
 
     def _chunks(self, images: np.ndarray) -> list[np.ndarray]:
-        _check_images(images)
+        check_images(images)
         step = self.max_batch if self.max_batch > 0 else len(images)
         return [images[i : i + step] for i in range(0, len(images), step)]
 
@@ -509,7 +510,7 @@ class TritonSegmentationClient:
                         exhausted = True
                         break
                     batch = frame[None] if frame.ndim == 3 else frame
-                    _check_images(batch, one=True)
+                    check_images(batch, one=True)
                     self._client.async_stream_infer(
                         self.model_name, self._inputs(batch), outputs=outputs, request_id=str(sent)
                     )
@@ -602,17 +603,6 @@ class TritonSegmentationClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _check_images(images: np.ndarray, one: bool = False) -> None:
-    if not isinstance(images, np.ndarray) or images.dtype != np.float32:
-        got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-        raise InputError(f"images must be a float32 numpy array (raw RGB 0-255), got {got}")
-    if images.ndim != 4 or images.shape[1] != 3 or (one and images.shape[0] != 1):
-        want = "(3, H, W) or (1, 3, H, W)" if one else "(N, 3, H, W)"
-        raise InputError(f"images have shape {images.shape}; expected {want}")
-    if images.shape[0] == 0:
-        raise InputError("empty batch: images have N = 0")
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

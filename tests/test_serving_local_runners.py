@@ -492,3 +492,22 @@ def test_tensorrt_runner_on_a_gpu(tiny: TinyArtifacts, tmp_path: Path) -> None:
         mask = runner.infer(images)["mask"]
     assert mask.shape == expected.shape and mask.dtype == np.int32
     assert (mask == expected).mean() >= 0.99
+
+
+@pytest.mark.parametrize(
+    ("images", "one", "message"),
+    [
+        (np.zeros((1, 3, 8, 8), np.float64), False, "float32 numpy array .* got float64"),
+        ([[0.0]], False, "float32 numpy array .* got list"),
+        (np.zeros((3, 8, 8), np.float32), False, r"\(N, 3, H, W\) .* got shape \(3, 8, 8\)"),
+        (np.zeros((0, 3, 8, 8), np.float32), False, r"N, H, W >= 1 RGB, got shape \(0, 3, 8, 8\)"),
+        (np.zeros((2, 3, 8, 8), np.float32), True, r"\(1, 3, H, W\) RGB, got shape \(2, 3, 8, 8\)"),
+    ],
+)
+def test_check_images_names_what_is_wrong(images: Any, one: bool, message: str) -> None:
+    from cosa.serving.runner import check_images
+
+    with pytest.raises(InputError, match=message):
+        check_images(images, one=one)
+    if isinstance(images, np.ndarray) and images.dtype == np.float32 and one:
+        check_images(images[:1], one=True)  # one frame passes
