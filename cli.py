@@ -35,7 +35,7 @@ from cosa.choices import (
     WireProtocol,
 )
 from cosa.errors import CosaError
-from cosa.serving.triton_names import DEFAULT_MODEL_NAME
+from cosa.serving.triton_names import DEFAULT_MODEL_NAME, ServerPorts
 
 app = typer.Typer(
     help="CoSA toolkit: weakly supervised segmentation from image-level labels.",
@@ -1087,25 +1087,23 @@ def triton_serve(
     repo: Annotated[
         Path, typer.Argument(help="Model repository (from `cosa triton repo`).", metavar="REPO")
     ],
-    http_port: Annotated[int, typer.Option()] = 8000,
-    grpc_port: Annotated[int, typer.Option()] = 8001,
-    metrics_port: Annotated[int, typer.Option()] = 8002,
+    http_port: Annotated[int, typer.Option()] = ServerPorts().http,
+    grpc_port: Annotated[int, typer.Option()] = ServerPorts().grpc,
+    metrics_port: Annotated[int, typer.Option()] = ServerPorts().metrics,
     dir_: Annotated[
         Path | None, typer.Option("--dir", help="Install folder of `cosa triton setup`.")
     ] = None,
 ) -> None:
     """Run a real Triton server on loopback in the foreground (Ctrl-C / SIGTERM stop it)."""
-    from cosa.serving.triton_server import ServerPorts, docker_command, serve
+    from cosa.serving.triton_server import docker_command, serve
 
+    ports = ServerPorts(http_port, grpc_port, metrics_port)
     err_console.print(
-        "with Docker and NVIDIA's container instead:\n  "
-        + docker_command(repo, ServerPorts(http_port, grpc_port, metrics_port)),
+        "with Docker and NVIDIA's container instead:\n  " + docker_command(repo, ports),
         highlight=False,
         soft_wrap=True,
     )
-    raise typer.Exit(
-        serve(repo, http_port, grpc_port, metrics_port, home=dir_, log_stream=sys.stderr)
-    )
+    raise typer.Exit(serve(repo, ports, home=dir_, log_stream=sys.stderr))
 
 
 def _evaluate_artifact(

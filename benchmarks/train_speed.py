@@ -127,7 +127,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"autocast: {meta['amp']}. Median of {meta['iters']} steps after {meta['warmup']} "
         "dropped ones. Command: `python benchmarks/train_speed.py "
         f"--configs {meta['configs']} --device {meta['device']}`. System time and minor page "
-        "faults: the whole run's (set-up and the final 2-image evaluation included) over its steps.",
+        "faults: the whole run's (set-up and the final 2-image evaluation included) over its "
+        "steps.",
         "",
         "| configuration | backbone | batch | crop | teacher scales | s/it (median) | images/s "
         "| system s/step | minor faults/step |",

@@ -38,11 +38,11 @@ import yaml
 from cosa.errors import ConfigError, CosaError, ServingError
 from cosa.export.spec import read_spec
 from cosa.files import replace_folder
+from cosa.serving.triton_names import ServerPorts
 from cosa.serving.triton_repo import RepositoryLayout, read_layout
 from cosa.serving.triton_server import (
     CONTAINER_IMAGE,
     PYTHON_BACKEND_SHM_MIB,
-    ServerPorts,
     model_configs,
     python_env_install,
 )

@@ -6,6 +6,8 @@ requests to them. Both import them from here, so neither imports the other. Stan
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from cosa.errors import ServingError
 
 __all__ = [
@@ -66,3 +68,11 @@ def triton_dtype(numpy_dtype: str) -> str:
             f"dtype {numpy_dtype!r} in spec.json has no Triton equivalent "
             f"(supported: {', '.join(_TRITON_DTYPES)}); re-export the model"
         ) from None
+
+
+class ServerPorts(NamedTuple):
+    """Ports of one Triton server: Triton's own defaults unless told otherwise."""
+
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002

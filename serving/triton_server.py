@@ -44,10 +44,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, NamedTuple, TextIO
+from typing import Any, TextIO
 
 from cosa.errors import MissingDependencyError, ServingError
 from cosa.files import staged_folder, write_text_atomic
+from cosa.serving.triton_names import ServerPorts
 
 __all__ = [
     "CONTAINER_IMAGE",
@@ -55,7 +56,6 @@ __all__ = [
     "PYTRITON_VERSION",
     "PYTHON_BACKEND_SHM_MIB",
     "SERVER_ENV_REQUIREMENTS",
-    "ServerPorts",
     "TritonInstall",
     "TritonServer",
     "default_home",
@@ -82,14 +82,6 @@ _MARKER = "install.json"
 _LOG_TAIL_LINES = 25
 # Backends the embedded server has; configs naming others stop at "unable to find backend library".
 _EMBEDDED_BACKENDS = ("python",)
-
-
-class ServerPorts(NamedTuple):
-    """Loopback ports of one server."""
-
-    http: int = 8000
-    grpc: int = 8001
-    metrics: int = 8002
 
 
 @dataclass(frozen=True)
@@ -508,9 +500,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 def serve(
     repo: Path,
-    http_port: int = 8000,
-    grpc_port: int = 8001,
-    metrics_port: int = 8002,
+    ports: ServerPorts = ServerPorts(),
     home: Path | None = None,
     *,
     log_stream: TextIO | None = None,
@@ -520,7 +510,7 @@ def serve(
 
     Args:
         repo: model repository (python-backend models only: the embedded server has no other).
-        http_port, grpc_port, metrics_port: loopback ports.
+        ports: loopback ports.
         home: install home; default `default_home()`.
         log_stream: where the server's log is copied as it arrives (e.g. sys.stderr); None keeps
             it in the log file only.
@@ -537,7 +527,7 @@ def serve(
     _check_embedded_backends(repo)
     server = TritonServer(
         repo,
-        ports=ServerPorts(http_port, grpc_port, metrics_port),
+        ports=ports,
         home=home,
         startup_timeout_s=startup_timeout_s,
     )
@@ -664,7 +654,9 @@ def docker_command(
         parts += ["--gpus", "all"]
     if "python" in runtimes:
         parts.append(f"--shm-size={PYTHON_BACKEND_SHM_MIB}m")
-    parts += ["-p", f"{ports.http}:8000", "-p", f"{ports.grpc}:8001", "-p", f"{ports.metrics}:8002"]
+    inside = ServerPorts()  # the container's server listens on Triton's defaults
+    for host, container in zip(ports, inside, strict=True):
+        parts += ["-p", f"{host}:{container}"]
     parts += ["-v", f"{Path(repo).resolve()}:/models:ro", CONTAINER_IMAGE]
     if "python" in runtimes:
         parts += ["bash", "-c", f"{python_env_install()} && exec {server}"]

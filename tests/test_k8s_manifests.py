@@ -33,8 +33,9 @@ from cosa.serving.k8s_manifests import (
     render_manifests,
     write_manifests,
 )
+from cosa.serving.triton_names import ServerPorts
 from cosa.serving.triton_repo import read_layout, write_repository
-from cosa.serving.triton_server import CONTAINER_IMAGE, ServerPorts
+from cosa.serving.triton_server import CONTAINER_IMAGE
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

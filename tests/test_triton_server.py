@@ -35,9 +35,9 @@ from cosa.export.spec import (
     write_spec,
 )
 from cosa.serving.triton_client import TritonSegmentationClient, bucket_by_size
+from cosa.serving.triton_names import ServerPorts
 from cosa.serving.triton_repo import RepositoryLayout, write_repository
 from cosa.serving.triton_server import (
-    ServerPorts,
     TritonServer,
     docker_command,
     find_triton,
@@ -478,7 +478,8 @@ def test_serve_stops_server_and_stubs_cleanly_on_sigterm(
     ports = ServerPorts(*free_ports(3))
     code = (
         "import sys; from pathlib import Path; from cosa.serving.triton_server import serve; "
-        f"sys.exit(serve(Path({str(repo)!r}), {ports.http}, {ports.grpc}, {ports.metrics}))"
+        "from cosa.serving.triton_names import ServerPorts; "
+        f"sys.exit(serve(Path({str(repo)!r}), ServerPorts(*{tuple(ports)})))"
     )
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     try:
@@ -506,7 +507,7 @@ def test_serve_stops_server_and_stubs_cleanly_on_sigterm(
 def test_serve_refuses_backends_the_embedded_server_lacks(artifact: Path, tmp_path: Path) -> None:
     write_repository(artifact, tmp_path / "repo", "onnxruntime")
     with pytest.raises(ServingError) as info:
-        serve(tmp_path / "repo", *free_ports(3))
+        serve(tmp_path / "repo", ServerPorts(*free_ports(3)))
     message = str(info.value)
     assert "needs the onnxruntime backend" in message
     assert "--platform python" in message
