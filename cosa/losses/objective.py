@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
 from cosa.config import CosaConfig
 from cosa.data import denormalize
@@ -246,28 +247,30 @@ class CosaObjective:
             "weight": main_weight,
         }
         image = denormalize(batch["strong"])  # (B, 3, H, W) in 0-255
-        terms["reg"] = crf_energy_loss(
-            torch.softmax(seg, dim=1),
-            image,
-            inside.float(),
-            cpl == IGNORE_INDEX,
-            cfg.loss.crf_sigma_rgb,
-            cfg.loss.crf_sigma_xy,
-            cfg.loss.crf_window,
-            cfg.loss.crf_dilation,
-        )
+        with record_function("cosa.crf"):
+            terms["reg"] = crf_energy_loss(
+                torch.softmax(seg, dim=1),
+                image,
+                inside.float(),
+                cpl == IGNORE_INDEX,
+                cfg.loss.crf_sigma_rgb,
+                cfg.loss.crf_sigma_xy,
+                cfg.loss.crf_window,
+                cfg.loss.crf_dilation,
+            )
         if cfg.separation.enabled:
             grid = student.features.shape[-2:]
             spl_small = labels_at_cell_centres(spl, grid)  # (B, h, w)
             weight_small = None
             if main_weight is not None:  # average reliability of the pixels a feature covers
                 weight_small = F.adaptive_avg_pool2d(main_weight[:, None], grid)[:, 0]
-            terms["csp"] = contrastive_separation_loss(
-                student.features,
-                teacher.features,
-                spl_small,
-                labels.shape[1],
-                weight_small,
-                cfg.separation.temperature,
-            )
+            with record_function("cosa.csp"):
+                terms["csp"] = contrastive_separation_loss(
+                    student.features,
+                    teacher.features,
+                    spl_small,
+                    labels.shape[1],
+                    weight_small,
+                    cfg.separation.temperature,
+                )
         return terms, maps

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from cosa.config import CosaConfig
 from cosa.losses import CosaObjective
@@ -75,37 +76,45 @@ def train_step(
     reference_warmup = cfg.loss.reference_warmup
     thresholds_from_start = reference_warmup and cfg.thresholds.enabled
     needs_teacher = not full and (thresholds_from_start or objective.warmup_factor(step) > 0.0)
+    # The named regions show up in torch.profiler traces (benchmarks/profile_step.py).
     with autocast:
         teacher = None
         thresholds = state.thresholds.current()
         if needs_teacher:
-            teacher = teacher_forward(
-                state.teacher,
-                batch["weak"],
-                batch["label"],
-                scales=cfg.pseudo.scales,
-                flip=cfg.pseudo.flip,
-                aux_last_scale_only=cfg.pseudo.aux_last_scale_only,
-            )
-            thresholds = state.thresholds.update(teacher, batch["img_box"])
-        student = state.model(batch["strong"])
-        if full:
-            result = supervised_objective(student, batch, cfg)
-        else:
-            result = objective(student, teacher, batch, thresholds, step)
-    state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(result.total).backward()
-    # The reference computes every term from the first step with weight 0, so parameters
-    # outside the warm-up's graph (the decoder) get zero gradients: AdamW still decays them
-    # and counts their steps, and its bias correction is not restarted at the switch.
-    if reference_warmup:
-        for parameter in state.trainable:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    state.scheduler.step()
-    ema_update(state.teacher, state.student, cfg.optim.ema_momentum)
+            with record_function("cosa.teacher"):
+                teacher = teacher_forward(
+                    state.teacher,
+                    batch["weak"],
+                    batch["label"],
+                    scales=cfg.pseudo.scales,
+                    flip=cfg.pseudo.flip,
+                    aux_last_scale_only=cfg.pseudo.aux_last_scale_only,
+                )
+            with record_function("cosa.thresholds"):
+                thresholds = state.thresholds.update(teacher, batch["img_box"])
+        with record_function("cosa.student"):
+            student = state.model(batch["strong"])
+        with record_function("cosa.objective"):
+            if full:
+                result = supervised_objective(student, batch, cfg)
+            else:
+                result = objective(student, teacher, batch, thresholds, step)
+    with record_function("cosa.backward"):
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(result.total).backward()
+    with record_function("cosa.optimizer"):
+        # The reference computes every term from the first step with weight 0, so parameters
+        # outside the warm-up's graph (the decoder) get zero gradients: AdamW still decays them
+        # and counts their steps, and its bias correction is not restarted at the switch.
+        if reference_warmup:
+            for parameter in state.trainable:
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.scheduler.step()
+    with record_function("cosa.ema"):
+        ema_update(state.teacher, state.student, cfg.optim.ema_momentum)
 
     # Losses are the mean over ranks, so a NaN on any rank reaches every rank's log at once.
     names = ["total", *result.terms]
