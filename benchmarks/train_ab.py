@@ -75,7 +75,8 @@ def run_once(side: Side, data: Path, out: Path, phase: str, warmup: int, iters: 
         "loss.warmup_iters": steps + 1 if phase == "warm-up" else 0,
     }
     spec = {"overrides": overrides, "out": str(out), "warmup": warmup}
-    env = {**os.environ, **side.env, "PYTHONPATH": str(side.tree), "PYTHONWARNINGS": "ignore"}
+    path = os.pathsep.join(filter(None, [str(side.tree), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, **side.env, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(spec)],
         env=env,
@@ -112,7 +113,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--against", help="commit to compare this tree with (side A)")
+    which.add_argument(
+        "--against",
+        help="commit to compare this tree with (side A), or a folder holding that commit's cosa/ "
+        "(`git archive SHA cosa | tar -x -C DIR`, for machines without the repository)",
+    )
     which.add_argument(
         "--system-malloc",
         action="store_true",
@@ -130,7 +135,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cosa_train_ab_") as tmp:
         work = Path(tmp)
-        if args.against:
+        worktree = bool(args.against) and not Path(args.against).is_dir()
+        if worktree:
             other = work / "other"
             subprocess.run(
                 ["git", "worktree", "add", "--detach", "-q", str(other), args.against],
@@ -138,6 +144,8 @@ def main() -> None:
                 check=True,
             )
             sides = [Side(args.against, other), Side("this tree", ROOT)]
+        elif args.against:
+            sides = [Side(args.against, Path(args.against).resolve()), Side("this tree", ROOT)]
         else:
             sides = [
                 Side("COSA_MALLOC=system", ROOT, {"COSA_MALLOC": "system"}),
@@ -163,7 +171,7 @@ def main() -> None:
                         )
                         results.setdefault((phase, side.name), []).append(row)
         finally:
-            if args.against:
+            if worktree:
                 subprocess.run(
                     ["git", "worktree", "remove", "--force", str(work / "other")], cwd=ROOT
                 )
