@@ -90,9 +90,7 @@ def find_images(root: Path) -> list[Path]:
             f"--calib {root} is not a folder; pass a folder of representative images "
             "(a few hundred, like the ones the model will see)"
         )
-    files = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ExportError(
             f"--calib {root} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of "
@@ -154,7 +152,11 @@ def load_calibration_set(
         )
     logger.info(
         "calibration set: %d images from %s at %dx%d (%d unreadable skipped)",
-        len(images), root, height, width, len(skipped),
+        len(images),
+        root,
+        height,
+        width,
+        len(skipped),
     )
     return CalibrationSet(images=np.stack(images), files=tuple(used), skipped=tuple(skipped))
 

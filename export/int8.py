@@ -65,13 +65,27 @@ class Int8Flavour:
     quantize_bias: bool  # int32 bias + DequantizeLinear (TensorRT's parser rejects int32 DQ)
 
 
-TENSORRT_FLAVOUR = Int8Flavour("tensorrt", "QDQ", "QInt8", reduce_range=False,
-                               symmetric_activations=True, op_types=QUANTIZED_OP_TYPES,
-                               quantize_outputs=False, quantize_bias=False)
+TENSORRT_FLAVOUR = Int8Flavour(
+    "tensorrt",
+    "QDQ",
+    "QInt8",
+    reduce_range=False,
+    symmetric_activations=True,
+    op_types=QUANTIZED_OP_TYPES,
+    quantize_outputs=False,
+    quantize_bias=False,
+)
 """Symmetric s8/s8 Q/DQ on weighted-op inputs, zero-points 0: TensorRT's explicit quantization."""
-CPU_FLAVOUR = Int8Flavour("cpu", "QOperator", "QUInt8", reduce_range=True,
-                          symmetric_activations=False, op_types=None, quantize_outputs=True,
-                          quantize_bias=True)
+CPU_FLAVOUR = Int8Flavour(
+    "cpu",
+    "QOperator",
+    "QUInt8",
+    reduce_range=True,
+    symmetric_activations=False,
+    op_types=None,
+    quantize_outputs=True,
+    quantize_bias=True,
+)
 """u8 activations / s8 weights as fused QLinear* operators: onnxruntime's fast x86 path."""
 
 
@@ -118,8 +132,12 @@ def zero_points(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """
     initializers = {t.name: t for t in model.graph.initializer}
     constants = {
-        out: attr.t for node in model.graph.node if node.op_type == "Constant"
-        for out in node.output for attr in node.attribute if attr.name == "value"
+        out: attr.t
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for out in node.output
+        for attr in node.attribute
+        if attr.name == "value"
     }
     points: dict[str, np.ndarray] = {}
     for node in model.graph.node:
@@ -200,8 +218,13 @@ def quantize_int8(
     check_graph(quantized, where=str(dst))
     count = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")
     logger.info("wrote %s: %d quantized tensors, %d nodes excluded", dst, count, len(excluded))
-    return Int8Result(path=dst, method=method, excluded_nodes=tuple(excluded),
-                      quantized_nodes=count, cpu_path=cpu_dst)
+    return Int8Result(
+        path=dst,
+        method=method,
+        excluded_nodes=tuple(excluded),
+        quantized_nodes=count,
+        cpu_path=cpu_dst,
+    )
 
 
 def _resolve_exclusions(model: onnx.ModelProto, extra: Sequence[str]) -> list[str]:
@@ -259,8 +282,11 @@ def _quantize(
         quantize_static,
     )
 
-    methods = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
-               "minmax": CalibrationMethod.MinMax}
+    methods = {
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+        "minmax": CalibrationMethod.MinMax,
+    }
     # onnxruntime's calibrators print progress to stdout; library code must not.
     sink = io.StringIO()
     try:

@@ -52,8 +52,9 @@ FP32_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-4, min_mask_agreement=0.999)
 """onnxruntime FP32 vs torch: kernels differ in summation order only (measured ~2e-6 on ViTs)."""
 FP16_TOLERANCE = Tolerance(atol=2e-2, rtol=1e-2, min_mask_agreement=0.98)
 """FP16 weights/activations vs the FP32 ONNX: ~3 significant digits through the whole network."""
-INT8_TOLERANCE = Tolerance(atol=0.0, rtol=0.0, min_mask_agreement=0.90, check_logits=False,
-                           fatal=False)
+INT8_TOLERANCE = Tolerance(
+    atol=0.0, rtol=0.0, min_mask_agreement=0.90, check_logits=False, fatal=False
+)
 """INT8 vs the FP32 ONNX: below 90% pixel agreement a quantized segmenter has likely collapsed
 (an untrained network, whose logits are near ties everywhere, also lands there)."""
 TENSORRT_TOLERANCES = {
@@ -62,8 +63,7 @@ TENSORRT_TOLERANCES = {
     "fp32": Tolerance(atol=1e-2, rtol=1e-2, min_mask_agreement=0.99),
     "fp16": Tolerance(atol=5e-2, rtol=2e-2, min_mask_agreement=0.98),
     # Q/DQ placement and fusion differ between TensorRT and onnxruntime's CPU kernels.
-    "int8": Tolerance(atol=0.0, rtol=0.0, min_mask_agreement=0.90, check_logits=False,
-                      fatal=False),
+    "int8": Tolerance(atol=0.0, rtol=0.0, min_mask_agreement=0.90, check_logits=False, fatal=False),
 }
 
 
@@ -110,8 +110,11 @@ class VerificationReport:
             "passed": self.passed,
             "failures": list(self.failures),
             "shapes": [
-                {"shape": list(r.shape), "max_abs_diff": r.max_abs_diff,
-                 "mask_agreement": r.mask_agreement}
+                {
+                    "shape": list(r.shape),
+                    "max_abs_diff": r.max_abs_diff,
+                    "mask_agreement": r.mask_agreement,
+                }
                 for r in self.results
             ],
         }
@@ -222,11 +225,15 @@ def compare(
         results.append(result)
         logger.info(
             "%s vs %s at %s: max |diff| %.3g, mask agreement %.5f",
-            artifact, reference_name, "x".join(map(str, result.shape)),
-            result.max_abs_diff, result.mask_agreement,
+            artifact,
+            reference_name,
+            "x".join(map(str, result.shape)),
+            result.max_abs_diff,
+            result.mask_agreement,
         )
-        missed = _misses(result, float(np.abs(ref_logits).max()), tolerance, artifact,
-                         reference_name)
+        missed = _misses(
+            result, float(np.abs(ref_logits).max()), tolerance, artifact, reference_name
+        )
         if missed and tolerance.fatal:
             raise ExportError(missed[0])
         for message in missed:

@@ -82,11 +82,15 @@ def voc_aug(voc: Path) -> Path:
     _image(voc / "JPEGImages" / "2009_000004.jpg")
     _mask(voc / "SegmentationClassAug" / "2009_000004.png", [12])
     _mask(voc / "SegmentationClassAug" / "2007_000001.png", [1, 15, 3])  # Aug mask wins
-    _list(voc, "train_aug", [
-        "/JPEGImages/2007_000001.jpg /SegmentationClassAug/2007_000001.png",
-        "/JPEGImages/2007_000002.jpg /SegmentationClassAug/2007_000002.png",
-        "/JPEGImages/2009_000004.jpg /SegmentationClassAug/2009_000004.png",
-    ])
+    _list(
+        voc,
+        "train_aug",
+        [
+            "/JPEGImages/2007_000001.jpg /SegmentationClassAug/2007_000001.png",
+            "/JPEGImages/2007_000002.jpg /SegmentationClassAug/2007_000002.png",
+            "/JPEGImages/2009_000004.jpg /SegmentationClassAug/2009_000004.png",
+        ],
+    )
     return voc
 
 
@@ -102,8 +106,10 @@ def test_voc_train_aug_without_label_file(voc_aug: Path) -> None:
 
 def test_voc_train_aug_labels_come_from_the_label_file(voc_aug: Path) -> None:
     # The file deliberately disagrees with the masks, to show which source is used.
-    table = {name: _onehot(20, [5]) for name in ("2007_000001", "2007_000002", "2009_000004",
-                                                "2008_000003", "2010_000005")}
+    table = {
+        name: _onehot(20, [5])
+        for name in ("2007_000001", "2007_000002", "2009_000004", "2008_000003", "2010_000005")
+    }
     np.save(voc_aug / "cls_labels_onehot.npy", table, allow_pickle=True)
     _image(voc_aug / "JPEGImages" / "2010_000005.jpg")  # listed, labelled, but without any mask
     _list(voc_aug, "train_aug", ["2007_000001", "2009_000004", "2010_000005"])
@@ -134,8 +140,7 @@ def test_coco_layout(tmp_path: Path) -> None:
     np.testing.assert_array_equal(first.label, _onehot(80, [18]))
     np.testing.assert_array_equal(second.label, _onehot(80, [1, 80]))
 
-    np.save(root / "cls_labels_onehot.npy",
-            {n: _onehot(80, [2]) for n in names}, allow_pickle=True)
+    np.save(root / "cls_labels_onehot.npy", {n: _onehot(80, [2]) for n in names}, allow_pickle=True)
     np.testing.assert_array_equal(open_dataset(root, "train").samples[0].label, _onehot(80, [2]))
 
     _list(root, "bad", ["000000000009"])
@@ -159,10 +164,12 @@ def test_synth_layout_uses_its_class_file(voc: Path) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    ['{"names": ["cat", "dog"], "palette": [[0,0,0],[1,1,1]]}',
-     '{"names": ["background", "a"], "palette": [[0,0,0]]}',
-     '{"names": ["background", "a"], "palette": [[0,0,0],[1,1,300]]}',
-     "not json"],
+    [
+        '{"names": ["cat", "dog"], "palette": [[0,0,0],[1,1,1]]}',
+        '{"names": ["background", "a"], "palette": [[0,0,0]]}',
+        '{"names": ["background", "a"], "palette": [[0,0,0],[1,1,300]]}',
+        "not json",
+    ],
 )
 def test_bad_class_file(voc: Path, body: str) -> None:
     (voc / "classes.json").write_text(body)
@@ -195,8 +202,10 @@ def test_listed_image_missing(voc: Path) -> None:
 
 
 def test_label_vector_of_wrong_length(voc: Path) -> None:
-    np.save(voc / "cls_labels_onehot.npy",
-            {"2007_000001": np.ones(80, np.float32), "2007_000002": np.ones(20, np.float32)})
+    np.save(
+        voc / "cls_labels_onehot.npy",
+        {"2007_000001": np.ones(80, np.float32), "2007_000002": np.ones(20, np.float32)},
+    )
     with pytest.raises(DataError, match="2007_000001 has 80 entries .* 20 foreground classes"):
         open_dataset(voc, "train")
 

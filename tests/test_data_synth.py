@@ -20,7 +20,8 @@ SIZES = {"n_train": 5, "n_val": 3, "n_test": 2}
 def _hashes(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -202,8 +203,11 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize(
     ("kwargs", "word"),
-    [({"n_train": 0, "n_val": 1}, "n_train"), ({"n_train": 1, "n_val": -1}, "n_val"),
-     ({"n_train": 1, "n_val": 0, "seed": -2}, "seed")],
+    [
+        ({"n_train": 0, "n_val": 1}, "n_train"),
+        ({"n_train": 1, "n_val": -1}, "n_val"),
+        ({"n_train": 1, "n_val": 0, "seed": -2}, "seed"),
+    ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, word: str) -> None:
     with pytest.raises(DataError, match=word):

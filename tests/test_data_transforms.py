@@ -91,8 +91,9 @@ def test_geometry_follows_scale_flip_and_crop() -> None:
 
 def test_identity_op_keeps_the_views_equal() -> None:
     params = sample_view_params(37, 50, 64, (0.5, 2.0), np.random.default_rng(1))
-    views = apply_view_params(_noise_image(50, 37), 64, dataclasses.replace(params,
-                                                                          strong_op="identity"))
+    views = apply_view_params(
+        _noise_image(50, 37), 64, dataclasses.replace(params, strong_op="identity")
+    )
     assert torch.equal(views.weak, views.strong)
 
 
@@ -100,8 +101,12 @@ def test_identity_op_keeps_the_views_equal() -> None:
 def test_strong_view_is_a_pixelwise_function_of_the_weak_view(op: str) -> None:
     # Pixels with the same weak colour get the same strong colour: nothing moved. Sharpness is a
     # 3x3 filter, so it is checked on flat areas instead, where it must leave pixels unchanged.
-    image = Image.fromarray(np.kron(np.random.default_rng(2).integers(
-        0, 256, (8, 10, 3), dtype=np.uint8), np.ones((6, 6, 1), dtype=np.uint8)))
+    image = Image.fromarray(
+        np.kron(
+            np.random.default_rng(2).integers(0, 256, (8, 10, 3), dtype=np.uint8),
+            np.ones((6, 6, 1), dtype=np.uint8),
+        )
+    )
     params = sample_view_params(48, 60, 64, (0.9, 1.1), np.random.default_rng(3))
     params = dataclasses.replace(params, blur_radius=None, strong_op=op, magnitude=7)
     views = apply_view_params(image, 64, params)

@@ -154,8 +154,13 @@ def test_onnxruntime_matches_reference_at_odd_shapes(tmp_path: Path) -> None:
     path = _save(deploy_graph(), tmp_path / "model.onnx")
     images = random_images([(1, 32, 32), (2, 21, 37), (1, 17, 50)])
     report = compare(
-        onnxruntime_runner(path), _numpy_reference, images, artifact="model.onnx",
-        reference_name="numpy", images_name="random", tolerance=FP32_TOLERANCE,
+        onnxruntime_runner(path),
+        _numpy_reference,
+        images,
+        artifact="model.onnx",
+        reference_name="numpy",
+        images_name="random",
+        tolerance=FP32_TOLERANCE,
     )
     assert [r.shape for r in report.results] == [(1, 3, 32, 32), (2, 3, 21, 37), (1, 3, 17, 50)]
     assert report.max_abs_diff < 1e-3
@@ -172,8 +177,15 @@ def test_compare_raises_when_logits_drift_beyond_tolerance() -> None:
         return logits + 0.5, mask
 
     with pytest.raises(ExportError, match=r"at 1x3x16x24: max \|logits diff\| 0.5 >"):
-        compare(drifted, _numpy_reference, random_images([(1, 16, 24)]), artifact="a.onnx",
-                reference_name="ref", images_name="random", tolerance=FP32_TOLERANCE)
+        compare(
+            drifted,
+            _numpy_reference,
+            random_images([(1, 16, 24)]),
+            artifact="a.onnx",
+            reference_name="ref",
+            images_name="random",
+            tolerance=FP32_TOLERANCE,
+        )
 
 
 def test_compare_checks_only_masks_for_int8_tolerance() -> None:
@@ -181,8 +193,15 @@ def test_compare_checks_only_masks_for_int8_tolerance() -> None:
         logits, mask = _numpy_reference(images)
         return logits + 0.5, mask  # same argmax
 
-    report = compare(shifted, _numpy_reference, random_images([(1, 16, 24)]), artifact="a",
-                     reference_name="ref", images_name="random", tolerance=INT8_TOLERANCE)
+    report = compare(
+        shifted,
+        _numpy_reference,
+        random_images([(1, 16, 24)]),
+        artifact="a",
+        reference_name="ref",
+        images_name="random",
+        tolerance=INT8_TOLERANCE,
+    )
     assert report.max_abs_diff == pytest.approx(0.5, abs=1e-5)
     assert report.min_mask_agreement == 1.0
 
@@ -198,14 +217,27 @@ def _half_flipped(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_compare_raises_on_mask_disagreement() -> None:
     tol = Tolerance(atol=1.0, rtol=0.0, min_mask_agreement=0.9)
     with pytest.raises(ExportError, match=r"mask agreement 0.5000 < 0.9"):
-        compare(_half_flipped, _numpy_reference, random_images([(1, 16, 24)]), artifact="a",
-                reference_name="ref", images_name="random", tolerance=tol)
+        compare(
+            _half_flipped,
+            _numpy_reference,
+            random_images([(1, 16, 24)]),
+            artifact="a",
+            reference_name="ref",
+            images_name="random",
+            tolerance=tol,
+        )
 
 
 def test_int8_tolerance_records_a_miss_without_raising(caplog: pytest.LogCaptureFixture) -> None:
-    report = compare(_half_flipped, _numpy_reference, random_images([(1, 16, 24)]),
-                     artifact="model.int8.onnx", reference_name="model.onnx",
-                     images_name="random", tolerance=INT8_TOLERANCE)
+    report = compare(
+        _half_flipped,
+        _numpy_reference,
+        random_images([(1, 16, 24)]),
+        artifact="model.int8.onnx",
+        reference_name="model.onnx",
+        images_name="random",
+        tolerance=INT8_TOLERANCE,
+    )
     assert not report.passed
     assert report.failures == (
         "model.int8.onnx disagrees with model.onnx at 1x3x16x24: mask agreement 0.5000 < 0.9; "
@@ -213,8 +245,9 @@ def test_int8_tolerance_records_a_miss_without_raising(caplog: pytest.LogCapture
         "nodes",
     )
     assert report.to_json_dict()["passed"] is False
-    assert any(r.levelname == "WARNING" and "0.5000 < 0.9" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        r.levelname == "WARNING" and "0.5000 < 0.9" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_compare_raises_on_wrong_output_shape_or_dtype() -> None:
@@ -228,11 +261,25 @@ def test_compare_raises_on_wrong_output_shape_or_dtype() -> None:
 
     images = random_images([(1, 16, 24)])
     with pytest.raises(ExportError, match="returns float32/int64"):
-        compare(wrong_dtype, _numpy_reference, images, artifact="a", reference_name="ref",
-                images_name="random", tolerance=FP32_TOLERANCE)
+        compare(
+            wrong_dtype,
+            _numpy_reference,
+            images,
+            artifact="a",
+            reference_name="ref",
+            images_name="random",
+            tolerance=FP32_TOLERANCE,
+        )
     with pytest.raises(ExportError, match=r"returns logits \(1, 3, 16, 23\)"):
-        compare(wrong_size, _numpy_reference, images, artifact="a", reference_name="ref",
-                images_name="random", tolerance=FP32_TOLERANCE)
+        compare(
+            wrong_size,
+            _numpy_reference,
+            images,
+            artifact="a",
+            reference_name="ref",
+            images_name="random",
+            tolerance=FP32_TOLERANCE,
+        )
 
 
 def test_onnxruntime_runner_reports_an_unloadable_file(tmp_path: Path) -> None:
@@ -255,8 +302,13 @@ def test_fp16_has_half_weights_float_io_and_matches_fp32(tmp_path: Path) -> None
 
     images = random_images([(1, 32, 32), (2, 21, 37)])
     report = compare(
-        onnxruntime_runner(fp16), onnxruntime_runner(fp32), images, artifact=fp16.name,
-        reference_name=fp32.name, images_name="random", tolerance=FP16_TOLERANCE,
+        onnxruntime_runner(fp16),
+        onnxruntime_runner(fp32),
+        images,
+        artifact=fp16.name,
+        reference_name=fp32.name,
+        images_name="random",
+        tolerance=FP16_TOLERANCE,
     )
     assert 0.0 < report.max_abs_diff < 0.05  # really half precision, and close
     assert report.min_mask_agreement >= FP16_TOLERANCE.min_mask_agreement
@@ -283,7 +335,10 @@ def _transformer_like_graph() -> onnx.ModelProto:
         helper.make_node("Conv", ["images", "w1"], ["f"], name="embed"),
         helper.make_node("Transpose", ["f"], ["f_nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
         helper.make_node(
-            "LayerNormalization", ["f_nhwc", "ln_scale", "ln_bias"], ["normed"], name="norm",
+            "LayerNormalization",
+            ["f_nhwc", "ln_scale", "ln_bias"],
+            ["normed"],
+            name="norm",
             axis=-1,
         ),
         helper.make_node("Softmax", ["normed"], ["attn"], name="attention", axis=-1),
@@ -293,10 +348,13 @@ def _transformer_like_graph() -> onnx.ModelProto:
         helper.make_node("Cast", ["ids"], ["mask"], name="to_int32", to=TensorProto.INT32),
     ]
     graph = helper.make_graph(
-        nodes, "transformer_like",
+        nodes,
+        "transformer_like",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K, "H", "W"]),
-         helper.make_tensor_value_info("mask", TensorProto.INT32, ["N", "H", "W"])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K, "H", "W"]),
+            helper.make_tensor_value_info("mask", TensorProto.INT32, ["N", "H", "W"]),
+        ],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -319,8 +377,12 @@ def test_fp16_keeps_layer_norm_and_softmax_in_fp32(tmp_path: Path) -> None:
         assert types[by_name[name].output[0]] == TensorProto.FLOAT, name
     assert types["w1"] == TensorProto.FLOAT16 and types["w2"] == TensorProto.FLOAT16
     report = compare(
-        onnxruntime_runner(fp16), onnxruntime_runner(fp32), random_images([(1, 24, 40)]),
-        artifact=fp16.name, reference_name=fp32.name, images_name="random",
+        onnxruntime_runner(fp16),
+        onnxruntime_runner(fp32),
+        random_images([(1, 24, 40)]),
+        artifact=fp16.name,
+        reference_name=fp32.name,
+        images_name="random",
         tolerance=FP16_TOLERANCE,
     )
     assert report.min_mask_agreement >= FP16_TOLERANCE.min_mask_agreement

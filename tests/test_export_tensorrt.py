@@ -253,14 +253,22 @@ def test_build_and_runner_without_tensorrt_raise_missing_dependency(
 @pytest.mark.parametrize(
     ("profile", "message"),
     [
-        (ShapeProfile(min=(1, 512, 224), opt=(1, 448, 448), max=(8, 1024, 1024)),
-         "H is min 512, opt 448, max 1024"),
-        (ShapeProfile(min=(1, 224, 224), opt=(1, 448, 448), max=(8, 1024, 320)),
-         "W is min 224, opt 448, max 320"),
-        (ShapeProfile(min=(4, 224, 224), opt=(2, 448, 448), max=(8, 1024, 1024)),
-         "N is min 4, opt 2, max 8"),
-        (ShapeProfile(min=(0, 224, 224), opt=(1, 448, 448), max=(8, 1024, 1024)),
-         "--min-shape 0x224x224 is invalid"),
+        (
+            ShapeProfile(min=(1, 512, 224), opt=(1, 448, 448), max=(8, 1024, 1024)),
+            "H is min 512, opt 448, max 1024",
+        ),
+        (
+            ShapeProfile(min=(1, 224, 224), opt=(1, 448, 448), max=(8, 1024, 320)),
+            "W is min 224, opt 448, max 320",
+        ),
+        (
+            ShapeProfile(min=(4, 224, 224), opt=(2, 448, 448), max=(8, 1024, 1024)),
+            "N is min 4, opt 2, max 8",
+        ),
+        (
+            ShapeProfile(min=(0, 224, 224), opt=(1, 448, 448), max=(8, 1024, 1024)),
+            "--min-shape 0x224x224 is invalid",
+        ),
     ],
 )
 def test_invalid_profiles_are_rejected(profile: ShapeProfile, message: str) -> None:
@@ -274,8 +282,14 @@ def test_default_profile_is_valid() -> None:
 
 @pytest.mark.parametrize(
     ("major", "precision", "flags"),
-    [(10, "fp32", ()), (10, "fp16", ("FP16",)), (10, "int8", ("INT8", "FP16")),
-     (11, "fp32", ()), (11, "fp16", ()), (11, "int8", ())],
+    [
+        (10, "fp32", ()),
+        (10, "fp16", ("FP16",)),
+        (10, "int8", ("INT8", "FP16")),
+        (11, "fp32", ()),
+        (11, "fp16", ()),
+        (11, "int8", ()),
+    ],
 )
 def test_precision_flags_per_major_version(major: int, precision: str, flags: tuple) -> None:
     assert precision_flags(major, precision) == flags
@@ -402,9 +416,7 @@ def test_engine_runner_reports_a_foreign_plan_as_an_export_error(
         EngineRunner(plan)
 
 
-def test_every_parser_error_is_reported(
-    install_fake: Any, onnx_file: Path, tmp_path: Path
-) -> None:
+def test_every_parser_error_is_reported(install_fake: Any, onnx_file: Path, tmp_path: Path) -> None:
     install_fake(FakeState(parse_errors=("ArgMax int64", "Resize mode cubic", "Unknown op Foo")))
     with pytest.raises(ExportError) as info:
         build_engine(onnx_file, tmp_path / "model.plan", PROFILE, "fp32")
@@ -454,10 +466,13 @@ def _tiny_deploy_onnx(path: Path) -> Path:
         helper.make_node("Cast", ["ids"], ["mask"], name="to_int32", to=TensorProto.INT32),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, "H", "W"]),
-         helper.make_tensor_value_info("mask", TensorProto.INT32, ["N", "H", "W"])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+            helper.make_tensor_value_info("mask", TensorProto.INT32, ["N", "H", "W"]),
+        ],
         [weight],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
@@ -474,11 +489,17 @@ def test_real_engine_matches_onnxruntime(tmp_path: Path) -> None:
     from cosa.export.verify import TENSORRT_TOLERANCES, compare, onnxruntime_runner, random_images
 
     source = _tiny_deploy_onnx(tmp_path / "model.onnx")
-    info = build_engine(source, tmp_path / "model.plan", PROFILE, "fp32",
-                        timing_cache=tmp_path / "timing.cache")
+    info = build_engine(
+        source, tmp_path / "model.plan", PROFILE, "fp32", timing_cache=tmp_path / "timing.cache"
+    )
     assert info.path.stat().st_size > 0 and info.timing_cache.is_file()
-    report = compare(EngineRunner(info.path), onnxruntime_runner(source),
-                     random_images(profile_check_shapes(PROFILE)), artifact="model.plan",
-                     reference_name="onnxruntime", images_name="random",
-                     tolerance=TENSORRT_TOLERANCES["fp32"])
+    report = compare(
+        EngineRunner(info.path),
+        onnxruntime_runner(source),
+        random_images(profile_check_shapes(PROFILE)),
+        artifact="model.plan",
+        reference_name="onnxruntime",
+        images_name="random",
+        tolerance=TENSORRT_TOLERANCES["fp32"],
+    )
     assert report.min_mask_agreement >= 0.99

@@ -66,6 +66,7 @@ def test_fit_rejects_bad_arguments() -> None:
 
 def test_fit_agrees_with_scikit_learn() -> None:
     from sklearn import mixture  # a dev dependency: this comparison must run in CI
+
     values = _mixture((2000, 700, 1300), seed=3)
     ours = fit_gaussian_mixture_1d(values, k=3, iters=50)
     data = values.double().numpy()[:, None]

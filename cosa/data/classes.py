@@ -15,6 +15,7 @@ from cosa.choices import IGNORE_INDEX as IGNORE_INDEX  # declared once, for ever
 from cosa.errors import DataError
 from cosa.images import voc_palette as voc_palette  # declared once, for every layer
 
+# fmt: off
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -34,6 +35,7 @@ COCO_CLASSES: tuple[str, ...] = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )
+# fmt: on
 """The 81 COCO 2014 ids of the VOC-style masks (background + the 80 "things" in category order)."""
 
 CLASSES_FILENAME = "classes.json"
@@ -64,21 +66,26 @@ def read_classes_file(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise DataError(f"{path}: 'names' must be a list of strings; {fix}")
     if not 2 <= len(names) <= IGNORE_INDEX or names[0] != "background":
-        raise DataError(f"{path}: 'names' must start with 'background' and hold 2..255 names "
-                        f"(got {len(names)}, first {names[:1]}); {fix}")
+        raise DataError(
+            f"{path}: 'names' must start with 'background' and hold 2..255 names "
+            f"(got {len(names)}, first {names[:1]}); {fix}"
+        )
     if len(set(names)) != len(names):
         raise DataError(f"{path}: class names must be unique; {fix}")
     if not (
         isinstance(palette, list)
         and len(palette) == len(names)
         and all(
-            isinstance(c, list) and len(c) == 3
+            isinstance(c, list)
+            and len(c) == 3
             and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
             for c in palette
         )
     ):
-        raise DataError(f"{path}: 'palette' must hold one [r, g, b] (ints 0..255) per name "
-                        f"({len(names)}); {fix}")
+        raise DataError(
+            f"{path}: 'palette' must hold one [r, g, b] (ints 0..255) per name "
+            f"({len(names)}); {fix}"
+        )
     return tuple(names), tuple((c[0], c[1], c[2]) for c in palette)
 
 

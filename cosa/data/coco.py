@@ -42,9 +42,11 @@ def subset_of(name: str) -> str:
     for subset in SUBSETS:
         if name.startswith(f"COCO_{subset}_"):
             return subset
-    raise DataError(f"COCO image name {name!r} starts with neither 'COCO_train2014_' nor "
-                    "'COCO_val2014_'; list file names as in the official release "
-                    "(e.g. COCO_val2014_000000000042)")
+    raise DataError(
+        f"COCO image name {name!r} starts with neither 'COCO_train2014_' nor "
+        "'COCO_val2014_'; list file names as in the official release "
+        "(e.g. COCO_val2014_000000000042)"
+    )
 
 
 def open_coco(root: Path, split: str) -> DatasetIndex:
@@ -69,6 +71,10 @@ def open_coco(root: Path, split: str) -> DatasetIndex:
     )
     palette = tuple((int(r), int(g), int(b)) for r, g, b in voc_palette(len(COCO_CLASSES)))
     return DatasetIndex(
-        root=root, kind="coco", split=split, class_names=COCO_CLASSES, palette=palette,
+        root=root,
+        kind="coco",
+        split=split,
+        class_names=COCO_CLASSES,
+        palette=palette,
         samples=samples,
     )

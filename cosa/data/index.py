@@ -158,15 +158,22 @@ def load_label_table(path: Path) -> dict[str, np.ndarray]:
     try:
         raw = np.load(path, allow_pickle=True)
     except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path} cannot be read as a .npy file ({exc}); regenerate it or delete "
-                        "it to derive labels from the masks") from exc
+        raise DataError(
+            f"{path} cannot be read as a .npy file ({exc}); regenerate it or delete "
+            "it to derive labels from the masks"
+        ) from exc
     # np.save(dict) stores a 0-d object array wrapping the dict.
     table = raw.item() if isinstance(raw, np.ndarray) and raw.shape == () else None
     if not isinstance(table, dict):
-        what = f"a {raw.dtype} array of shape {raw.shape}" if isinstance(raw, np.ndarray) else (
-            type(raw).__name__)
-        raise DataError(f"{path} holds {what}, expected a dict name -> label vector; "
-                        "regenerate it or delete it to derive labels from the masks")
+        what = (
+            f"a {raw.dtype} array of shape {raw.shape}"
+            if isinstance(raw, np.ndarray)
+            else (type(raw).__name__)
+        )
+        raise DataError(
+            f"{path} holds {what}, expected a dict name -> label vector; "
+            "regenerate it or delete it to derive labels from the masks"
+        )
     return table
 
 
@@ -217,8 +224,10 @@ def build_samples(
     for name in names:
         img = image_path(name)
         if img not in listing:
-            raise DataError(f"{img} is listed in {split_desc} but does not exist; restore the "
-                            "image or remove its line from the list")
+            raise DataError(
+                f"{img} is listed in {split_desc} but does not exist; restore the "
+                "image or remove its line from the list"
+            )
         mask = next((p for p in mask_paths(name) if p in listing), None)
         if table is not None:
             label = _label_from_table(table, name, num_foreground, label_table_path)
@@ -229,8 +238,10 @@ def build_samples(
                 raise DataError(f"{mask}: {exc}") from exc
         else:
             candidates = ", ".join(str(p) for p in mask_paths(name))
-            raise DataError(f"{name} (in {split_desc}) has no image-level label: no "
-                            f"{LABELS_FILENAME} and no mask ({candidates}); add either")
+            raise DataError(
+                f"{name} (in {split_desc}) has no image-level label: no "
+                f"{LABELS_FILENAME} and no mask ({candidates}); add either"
+            )
         label.setflags(write=False)
         samples.append(Sample(name=name, image_path=img, mask_path=mask, label=label))
     if table is None:
@@ -242,11 +253,15 @@ def _label_from_table(
     table: dict[str, np.ndarray], name: str, num_foreground: int, path: Path | None
 ) -> np.ndarray:
     if name not in table:
-        raise DataError(f"{name} is missing from {path}; add its label vector, or delete the file "
-                        "to derive every label from the masks")
+        raise DataError(
+            f"{name} is missing from {path}; add its label vector, or delete the file "
+            "to derive every label from the masks"
+        )
     label = np.asarray(table[name], dtype=np.float32).reshape(-1)
     if label.shape != (num_foreground,):
-        raise DataError(f"{path}: the label of {name} has {label.size} entries but the dataset "
-                        f"has {num_foreground} foreground classes; regenerate the file for this "
-                        "class list")
+        raise DataError(
+            f"{path}: the label of {name} has {label.size} entries but the dataset "
+            f"has {num_foreground} foreground classes; regenerate the file for this "
+            "class list"
+        )
     return label.copy()

@@ -250,8 +250,11 @@ def measure_cooccurrence(
         contexts: name -> background context, for the same names.
     """
     names = sorted(labels)
-    matrix = np.stack([np.asarray(labels[n]) > 0 for n in names]) if names else np.zeros(
-        (0, len(CLASS_SPECS)), dtype=bool)
+    matrix = (
+        np.stack([np.asarray(labels[n]) > 0 for n in names])
+        if names
+        else np.zeros((0, len(CLASS_SPECS)), dtype=bool)
+    )
     ctx = np.asarray([contexts[n] for n in names])
 
     def ratio(num: int, den: int) -> float | None:
@@ -326,18 +329,31 @@ def write_synthetic_dataset(
     _check_destination(out)
     start = time.perf_counter()
     with staged_folder(out) as tmp:
-        stats, manifest = _write_all(tmp, {"train": n_train, "val": n_val, "test": n_test}, seed,
-                                     progress)
+        stats, manifest = _write_all(
+            tmp, {"train": n_train, "val": n_val, "test": n_test}, seed, progress
+        )
         (tmp / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     seconds = time.perf_counter() - start
     logger.info("wrote %d synthetic images to %s in %.1f s", stats.images, out, seconds)
-    return SynthSummary(root=out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test,
-                        class_names=CLASS_NAMES, stats=stats, seconds=seconds)
+    return SynthSummary(
+        root=out,
+        seed=seed,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        class_names=CLASS_NAMES,
+        stats=stats,
+        seconds=seconds,
+    )
 
 
 def _check_arguments(n_train: int, n_val: int, n_test: int, seed: int) -> None:
-    for name, value, low in (("n_train", n_train, 1), ("n_val", n_val, 0), ("n_test", n_test, 0),
-                             ("seed", seed, 0)):
+    for name, value, low in (
+        ("n_train", n_train, 1),
+        ("n_val", n_val, 0),
+        ("n_test", n_test, 0),
+        ("seed", seed, 0),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DataError(f"synthetic dataset: {name} must be an integer >= {low}, got {value!r}")
 
@@ -346,9 +362,11 @@ def _check_destination(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is a file; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not is_synthetic_dataset(out):
-        raise DataError(f"{out} is a non-empty folder that is not a cosa synthetic dataset (no "
-                        f"{MANIFEST_FILENAME}); refusing to overwrite it: choose a new or empty "
-                        "folder")
+        raise DataError(
+            f"{out} is a non-empty folder that is not a cosa synthetic dataset (no "
+            f"{MANIFEST_FILENAME}); refusing to overwrite it: choose a new or empty "
+            "folder"
+        )
 
 
 def _write_all(
@@ -371,10 +389,15 @@ def _write_all(
         names = [f"{split}_{i:06d}" for i in range(sizes[split])]
         for index, name in enumerate(names):
             image, mask, context = render_image(seed, split, index)
-            Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", format="JPEG",
-                                        quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
-            palette_image(mask, palette).save(root / "SegmentationClass" / f"{name}.png",
-                                              format="PNG")
+            Image.fromarray(image).save(
+                root / "JPEGImages" / f"{name}.jpg",
+                format="JPEG",
+                quality=JPEG_QUALITY,
+                subsampling=JPEG_SUBSAMPLING,
+            )
+            palette_image(mask, palette).save(
+                root / "SegmentationClass" / f"{name}.png", format="PNG"
+            )
             labels[name] = labels_from_mask(mask, num_fg)
             contexts[name] = context
             valid = mask != IGNORE_INDEX

@@ -168,7 +168,7 @@ def _frame(
     reach = radius * max(aspect, 1.0 / aspect) * 1.05
     top, left = int(np.floor(cy - reach)), int(np.floor(cx - reach))
     size_y, size_x = int(np.ceil(cy + reach)) + 1 - top, int(np.ceil(cx + reach)) + 1 - left
-    yy, xx = np.mgrid[top:top + size_y, left:left + size_x].astype(np.float32)
+    yy, xx = np.mgrid[top : top + size_y, left : left + size_x].astype(np.float32)
     dy, dx = (yy + 0.5 - cy) / radius, (xx + 0.5 - cx) / radius
     cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
     u = (dx * cos + dy * sin) / np.float32(np.sqrt(aspect))
@@ -201,8 +201,10 @@ def _try_place(
         else:
             direction = rng.uniform(0, 2 * np.pi)
             gap = (near.radius + radius) * rng.uniform(*PAIR_GAP)
-            centre = (near.centre[0] + gap * np.sin(direction),
-                      near.centre[1] + gap * np.cos(direction))
+            centre = (
+                near.centre[0] + gap * np.sin(direction),
+                near.centre[1] + gap * np.cos(direction),
+            )
         u, v, top, left = _frame(centre, radius, angle, aspect)
         full = shape_mask(shape, u, v, rng)
         y0, x0 = max(top, 0), max(left, 0)

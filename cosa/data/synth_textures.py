@@ -42,8 +42,9 @@ def hsv_colour(
     return np.asarray(rgb, dtype=np.float32)
 
 
-def smooth_noise(rng: np.random.Generator, height: int, width: int, cell_h: float,
-                 cell_w: float | None = None) -> np.ndarray:
+def smooth_noise(
+    rng: np.random.Generator, height: int, width: int, cell_h: float, cell_w: float | None = None
+) -> np.ndarray:
     """Value noise: a coarse Gaussian grid upsampled bicubically.
 
     Args:
@@ -172,8 +173,10 @@ def context_background(
     elif context == "sand":
         base = hsv_colour(rng, 0.1, 0.02, (0.25, 0.45), (0.7, 0.88))
         shadow = hsv_colour(rng, 0.08, 0.02, (0.3, 0.5), (0.5, 0.65))
-        dunes = np.sin(2 * np.pi * (xx * 0.3 + yy) / rng.uniform(40.0, 80.0)
-                       + smooth_noise(rng, height, width, 60.0))
+        dunes = np.sin(
+            2 * np.pi * (xx * 0.3 + yy) / rng.uniform(40.0, 80.0)
+            + smooth_noise(rng, height, width, 60.0)
+        )
         img = _mix(base, shadow, np.clip(0.35 + 0.3 * dunes, 0.0, 1.0))
         img += rng.standard_normal((height, width, 1), dtype=np.float32) * np.float32(0.06)
     elif context == "sky":

@@ -33,8 +33,15 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 STRONG_OPS: tuple[str, ...] = (
-    "identity", "autocontrast", "equalize", "solarize", "color", "contrast", "brightness",
-    "sharpness", "posterize",
+    "identity",
+    "autocontrast",
+    "equalize",
+    "solarize",
+    "color",
+    "contrast",
+    "brightness",
+    "sharpness",
+    "posterize",
 )
 MAGNITUDE_RANGE = (1, 9)  # m ~ randint[1, 9] of 10
 FLIP_PROB = 0.5
@@ -123,9 +130,16 @@ def sample_view_params(
     op = STRONG_OPS[draw.integer(0, len(STRONG_OPS) - 1)]
     magnitude = draw.integer(*MAGNITUDE_RANGE)
     return ViewParams(
-        scale=scale, size=(new_h, new_w), flip=flip, pad_top=pad_top, pad_left=pad_left,
-        crop_top=crop_top, crop_left=crop_left, blur_radius=radius if blur else None,
-        strong_op=op, magnitude=magnitude,
+        scale=scale,
+        size=(new_h, new_w),
+        flip=flip,
+        pad_top=pad_top,
+        pad_left=pad_left,
+        crop_top=crop_top,
+        crop_left=crop_left,
+        blur_radius=radius if blur else None,
+        strong_op=op,
+        magnitude=magnitude,
     )
 
 
@@ -134,7 +148,10 @@ def crop_box(params: ViewParams, crop_size: int) -> tuple[int, int, int, int]:
     new_h, new_w = params.size
     off_h, off_w = params.pad_top - params.crop_top, params.pad_left - params.crop_left
     return (
-        max(off_h, 0), min(crop_size, off_h + new_h), max(off_w, 0), min(crop_size, off_w + new_w)
+        max(off_h, 0),
+        min(crop_size, off_h + new_h),
+        max(off_w, 0),
+        min(crop_size, off_w + new_w),
     )
 
 
@@ -230,7 +247,8 @@ def apply_view_params(image: Image.Image, crop_size: int, params: ViewParams) ->
     weak, box = weak_view(image, crop_size, params)
     strong = apply_strong_op(weak, params.strong_op, params.magnitude)
     return TrainViews(
-        weak=normalize(weak), strong=normalize(strong),
+        weak=normalize(weak),
+        strong=normalize(strong),
         img_box=torch.tensor(box, dtype=torch.int64),
     )
 

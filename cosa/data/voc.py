@@ -63,6 +63,10 @@ def open_voc(
     if palette is None:
         palette = tuple((int(r), int(g), int(b)) for r, g, b in voc_palette(len(class_names)))
     return DatasetIndex(
-        root=root, kind=kind, split=split, class_names=tuple(class_names), palette=palette,
+        root=root,
+        kind=kind,
+        split=split,
+        class_names=tuple(class_names),
+        palette=palette,
         samples=samples,
     )

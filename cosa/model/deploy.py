@@ -71,9 +71,7 @@ class DeployModel(nn.Module):
         x = (images - self.pixel_mean) / self.pixel_std
         # Always resize, even when already a multiple of 16 (then it is the identity): a size check
         # would be a Python branch that export specialises on.
-        x = F.interpolate(
-            x, size=network_size(height, width), mode="bilinear", align_corners=False
-        )
+        x = F.interpolate(x, size=network_size(height, width), mode="bilinear", align_corners=False)
         seg = self.net.forward_seg(x)  # (N, K, H' / 16, W' / 16)
         logits = F.interpolate(seg, size=(height, width), mode="bilinear", align_corners=False)
         mask = logits.argmax(dim=1).to(torch.int32)  # (N, H, W)
