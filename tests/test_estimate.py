@@ -110,3 +110,32 @@ def test_estimating_leaves_the_run_untouched(data: Path, tmp_path: Path) -> None
         assert torch.equal(value, teacher_before[key]), key
     assert _values(state.thresholds.current()) == thresholds_before
     assert torch.equal(torch.get_rng_state(), generator_before)
+
+
+def test_a_run_prints_its_estimate_and_trains_as_without_it(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import cosa.train.trainer as trainer_module
+    from cosa.checkpoint import load_checkpoint
+    from cosa.train.runlog import read_metrics
+    from cosa.train.trainer import train
+
+    monkeypatch.setattr(trainer_module, "MIN_STEPS_TO_ESTIMATE", 1)
+    cfg = tiny_config(data, **{"train.max_iters": 3, "train.checkpoint_every": 3})
+    train(cfg, tmp_path / "estimated", device="cpu", progress=True)
+    captured = capsys.readouterr()
+    assert "expected: about" in captured.err and "expected" not in captured.out
+    records = read_metrics(tmp_path / "estimated" / "metrics.jsonl")
+    estimates = [r for r in records if r["kind"] == "estimate"]
+    assert len(estimates) == 1 and estimates[0]["iter"] == 0
+    assert estimates[0]["warmup_steps"] + estimates[0]["full_steps"] == 3
+
+    train(cfg, tmp_path / "plain", device="cpu", progress=False)
+    estimated = load_checkpoint(tmp_path / "estimated" / "checkpoints" / "last.pt")
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")
+    for weights, reference in (
+        (estimated.online, plain.online),
+        (estimated.teacher, plain.teacher),
+    ):
+        for key, value in reference.items():
+            assert torch.equal(weights[key], value), key

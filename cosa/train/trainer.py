@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -178,7 +179,7 @@ class Trainer:
             val_images=len(self.data.val),
             test_images=len(self.data.test) if self.data.test is not None else 0,
         )
-        bar.write(estimate.describe())
+        bar.write(estimate.describe(), file=sys.stderr)  # beside the bar, off stdout
         if self.metrics is not None:
             self.metrics.write(
                 {"kind": "estimate", "iter": self.state.iteration, **estimate.to_json()}
