@@ -1,7 +1,8 @@
 """`cosa`: the command-line interface. Thin: parse, call one library function, print, set exit code.
 
-Exit codes: 0 ok, 1 some inputs failed (segment), 2 usage or configuration error. Library errors
-(`cosa.errors.CosaError`) become one line on stderr, never a traceback.
+Exit codes: 0 ok, 1 some inputs failed (segment) or a multi-node run lost a rank, 2 usage or
+configuration error. Library errors (`cosa.errors.CosaError`) become one line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from cosa.choices import (
 )
 from cosa.errors import CosaError
 from cosa.serving.triton_names import DEFAULT_MODEL_NAME, ServerPorts
+from cosa.train.rendezvous import DEFAULT_TIMEOUT_S as DEFAULT_RDZV_TIMEOUT_S
 
 app = typer.Typer(
     help="CoSA toolkit: weakly supervised segmentation from image-level labels.",
@@ -59,7 +61,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def reports_errors(func: F) -> F:
-    """Turn library errors into one line on stderr and exit code 2 (Ctrl-C: 130)."""
+    """Turn library errors into one line on stderr and their exit code (2 mostly; Ctrl-C: 130)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -70,7 +72,7 @@ def reports_errors(func: F) -> F:
             err_console.print(
                 f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True
             )
-            raise typer.Exit(2) from None
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
@@ -219,14 +221,31 @@ def train(
         ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue RUN from checkpoints/last.pt.")] = False,
-    nproc: Annotated[int, typer.Option(help="Local DDP processes (or launch with torchrun).")] = 1,
+    nproc: Annotated[
+        int, typer.Option(help="DDP processes on this node (or launch with torchrun).")
+    ] = 1,
+    nnodes: Annotated[
+        int, typer.Option(help="Nodes of the run, each running this command (docs/training.md).")
+    ] = 1,
+    node_rank: Annotated[
+        int, typer.Option(help="This node's rank, 0 to nnodes-1; node 0 hosts the rendezvous.")
+    ] = 0,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of node rank 0 (c10d rendezvous), the same on every node."),
+    ] = None,
+    rdzv_timeout: Annotated[
+        int, typer.Option(help="Seconds a node waits for the other nodes to join.")
+    ] = DEFAULT_RDZV_TIMEOUT_S,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train CoSA (online + EMA assignment network) from image-level labels."""
     from cosa.config import apply_overrides, resolve
     from cosa.errors import ConfigError
-    from cosa.train.launch import launch
+    from cosa.train.launch import launch, launch_nodes
+    from cosa.train.rendezvous import node_group
 
+    nodes = node_group(nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
     paths: dict[str, str] = {}  # set directly: a path is not parsed as YAML like --set values
     if data is not None:
         paths["data.root"] = str(data)
@@ -246,17 +265,21 @@ def train(
             "(only --max-iters may change)"
         )
     cfg = apply_overrides(resolve(preset.value, config, set_ or []), paths)
-    result = launch(
-        cfg,
-        out,
-        device=device.value,
-        resume=resume,
-        max_iters=max_iters,
-        nproc=nproc,
-        progress=not json_,
-    )
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
-        return
+    run = dict(device=device.value, resume=resume, max_iters=max_iters, nproc=nproc)
+    if nodes is None:
+        result = launch(cfg, out, **run, progress=not json_)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+            return
+    else:
+        found = launch_nodes(cfg, out, nodes, **run, progress=not json_)
+        if found is None:
+            err_console.print(
+                f"this node (--node-rank {nodes.node_rank}) finished its ranks; global rank 0 ran "
+                "on another node, whose output reports the run",
+                soft_wrap=True,
+            )
+            return
+        result = found
     summary = result.to_json()
     if json_:
         print_json(summary)

@@ -1,6 +1,7 @@
 """Exceptions raised by the library. Each message says what was wrong and how to fix it.
 
-`cli.py` maps every `CosaError` to exit code 2 and a one-line message; nothing in the library exits.
+`cli.py` maps every `CosaError` to a one-line message and its `exit_code` (2: usage or
+configuration); nothing in the library exits.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
 
 class CosaError(Exception):
     """Base class of every error a user can fix (bad input, configuration, files)."""
+
+    exit_code = 2
 
 
 class ConfigError(CosaError):
@@ -53,6 +56,13 @@ class ServingError(CosaError):
 
 class InputError(CosaError):
     """A user input (image, video, folder) cannot be read."""
+
+
+class DistributedError(CosaError):
+    """A multi-node training run stopped: a rank failed, was killed or lost its node. Every rank
+    stops with it; `--resume` on every node continues. Exit code 1: the command itself was right."""
+
+    exit_code = 1
 
 
 class EngineError(ExportError, ServingError):
