@@ -12,7 +12,6 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -33,6 +32,8 @@ from cosa.choices import (
     OrtFusion,
     Platform,
     Precision,
+    Preset,
+    SegmentEngine,
     WireProtocol,
 )
 from cosa.errors import CosaError
@@ -82,13 +83,6 @@ def reports_errors(func: F) -> F:
 
 def print_json(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-class Preset(str, Enum):
-    demo = "demo"
-    voc = "voc"
-    coco = "coco"
-    reference = "reference"
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -202,7 +196,7 @@ def train(
             "Default: the embedded synthetic benchmark."
         ),
     ] = None,
-    preset: Annotated[Preset, typer.Option(help="Starting configuration.")] = Preset.demo,
+    preset: Annotated[Preset, typer.Option(help="Starting configuration.")] = Preset.DEMO,
     config: Annotated[Path | None, typer.Option(help="YAML file of overrides.")] = None,
     set_: Annotated[
         list[str] | None,
@@ -506,7 +500,7 @@ def demo(
     run = out / "run"
     resume = (run / "checkpoints" / "last.pt").is_file()
     result = launch(
-        resolve("demo", config, set_ or []),
+        resolve(Preset.DEMO, config, set_ or []),
         run,
         device=device.value,
         resume=resume,
@@ -619,11 +613,6 @@ def export(
 # -------------------------------------------------------------------------------- segment, stream
 
 
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
-
-
 @app.command()
 @reports_errors
 def segment(
@@ -660,9 +649,9 @@ def segment(
     ] = MaskFormat.PNG,
     skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose mask exists.")] = False,
     engine: Annotated[
-        Engine,
+        SegmentEngine,
         typer.Option(help="local: this process; ray: Ray Data workers (cosa-toolkit[ray])."),
-    ] = Engine.local,
+    ] = SegmentEngine.LOCAL,
     ray_address: Annotated[
         str | None,
         typer.Option(help="Ray cluster HOST:PORT, ray://HOST:PORT or auto [default: a local Ray]."),
@@ -677,7 +666,7 @@ def segment(
     from cosa.serving.runners import default_parallel_calls, describe_runner, open_runner
     from cosa.serving.segment import segment_inputs
 
-    if engine is Engine.ray:
+    if engine is SegmentEngine.RAY:
         from cosa.serving.ray_engine import RayOptions, runner_factory, segment_with_ray
 
         options = RayOptions(address=ray_address, workers=ray_workers)

@@ -112,6 +112,22 @@ class EvalProtocol(StrEnum):
     TTA = "tta"  # native size, scales + flip
 
 
+class Preset(StrEnum):
+    """Starting configuration of a training run (`cosa.config.PRESETS` holds each one)."""
+
+    DEMO = "demo"  # EfficientNet-Lite0 on the CPU, the embedded synthetic data
+    VOC = "voc"  # the paper's configuration, ViT-B/16
+    COCO = "coco"
+    REFERENCE = "reference"  # voc with the three techniques off
+
+
+class SegmentEngine(StrEnum):
+    """Where `cosa segment` runs its batches."""
+
+    LOCAL = "local"  # this process
+    RAY = "ray"  # Ray Data workers (the `ray` extra)
+
+
 class Device(StrEnum):
     """Torch device of training and evaluation; auto: CUDA when available."""
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from cosa.choices import Preset, parse_choice
 from cosa.errors import ConfigError, did_you_mean
 from cosa.files import write_text_atomic
 
@@ -308,10 +309,10 @@ def _demo() -> CosaConfig:
 
 
 PRESETS: dict[str, typing.Callable[[], CosaConfig]] = {
-    "demo": _demo,
-    "voc": _voc,
-    "coco": _coco,
-    "reference": _reference,
+    Preset.DEMO: _demo,
+    Preset.VOC: _voc,
+    Preset.COCO: _coco,
+    Preset.REFERENCE: _reference,
 }
 
 
@@ -321,9 +322,7 @@ def preset(name: str) -> CosaConfig:
     Raises:
         ConfigError: the name is not one of `PRESETS`.
     """
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    return PRESETS[parse_choice(Preset, name, "preset")]()
 
 
 # ----------------------------------------------------------------------------------- overrides

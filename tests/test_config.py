@@ -36,6 +36,8 @@ def test_presets_carry_the_paper_settings() -> None:
 def test_unknown_preset_lists_choices() -> None:
     with pytest.raises(ConfigError, match="demo, voc, coco"):
         preset("cityscapes")
+    with pytest.raises(ConfigError, match=r"unknown preset 'dmeo'.* \(did you mean 'demo'\?\)"):
+        preset("dmeo")
 
 
 def test_override_types_are_checked_and_converted() -> None:
