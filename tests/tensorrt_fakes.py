@@ -125,23 +125,36 @@ class FakeEngine:
         return True
 
 
-def fake_tensorrt(engine: FakeEngine | None, version: str = "10.9.0") -> types.ModuleType:
-    """A `tensorrt` module whose runtime deserialises to `engine` (None: a foreign plan)."""
+class Severity(enum.Enum):
+    """`tensorrt.ILogger.Severity`."""
+
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+def fake_tensorrt_module(version: str) -> types.ModuleType:
+    """A `tensorrt` module with its version and `ILogger` (and `ILogger.Severity`); the fakes
+    add the classes their code under test uses."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version  # type: ignore[attr-defined]
 
-    class Severity(enum.Enum):
-        INTERNAL_ERROR = 0
-        ERROR = 1
-        WARNING = 2
-        INFO = 3
-        VERBOSE = 4
-
     class ILogger:
+        Severity = Severity
+
         def __init__(self) -> None:
             pass
 
-    ILogger.Severity = Severity  # type: ignore[attr-defined]
+    trt.ILogger = ILogger  # type: ignore[attr-defined]
+    return trt
+
+
+def fake_tensorrt(engine: FakeEngine | None, version: str = "10.9.0") -> types.ModuleType:
+    """A `tensorrt` module whose runtime deserialises to `engine` (None: a foreign plan)."""
+    trt = fake_tensorrt_module(version)
+    ILogger = trt.ILogger
 
     class Runtime:
         def __init__(self, logger: ILogger) -> None:
@@ -153,7 +166,6 @@ def fake_tensorrt(engine: FakeEngine | None, version: str = "10.9.0") -> types.M
                 engine.loaded_on = engine.cuda.device
             return engine
 
-    trt.ILogger = ILogger  # type: ignore[attr-defined]
     trt.Runtime = Runtime  # type: ignore[attr-defined]
     trt.nptype = lambda t: {"f32": np.float32, "i32": np.int32}[t]  # type: ignore[attr-defined]
     return trt

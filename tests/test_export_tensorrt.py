@@ -8,7 +8,6 @@ profile shapes, builder flags per major version, timing-cache round trips, error
 
 from __future__ import annotations
 
-import enum
 import logging
 import sys
 import types
@@ -21,7 +20,7 @@ import onnx
 import pytest
 import tensorrt_fakes
 from onnx import TensorProto, helper, numpy_helper
-from tensorrt_fakes import FakeEngine, install_fake_cuda
+from tensorrt_fakes import FakeEngine, Severity, fake_tensorrt_module, install_fake_cuda
 
 from cosa.errors import ExportError, MissingDependencyError
 from cosa.export import tensorrt_build
@@ -66,18 +65,8 @@ class FakeState:
 def fake_tensorrt(state: FakeState) -> types.ModuleType:
     """A module with the slice of the TensorRT 10/11 API the builder uses."""
 
-    class Severity(enum.Enum):
-        INTERNAL_ERROR = 0
-        ERROR = 1
-        WARNING = 2
-        INFO = 3
-        VERBOSE = 4
-
-    class ILogger:
-        def __init__(self) -> None:
-            pass
-
-    ILogger.Severity = Severity  # type: ignore[attr-defined]
+    module = fake_tensorrt_module(state.version)
+    ILogger = module.ILogger
 
     class ParserError:
         def __init__(self, index: int, desc: str) -> None:
@@ -177,9 +166,6 @@ def fake_tensorrt(state: FakeState) -> types.ModuleType:
                 return None
             return state.plan
 
-    module = types.ModuleType("tensorrt")
-    module.__version__ = state.version  # type: ignore[attr-defined]
-    module.ILogger = ILogger  # type: ignore[attr-defined]
     module.Builder = Builder  # type: ignore[attr-defined]
     module.OnnxParser = OnnxParser  # type: ignore[attr-defined]
     module.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")  # type: ignore[attr-defined]
