@@ -18,7 +18,7 @@ import numpy as np
 from cosa.errors import InputError
 from cosa.export.spec import ModelSpec
 
-__all__ = ["LocalRunner", "Runner", "check_images", "images_to_batch"]
+__all__ = ["ClosingRunner", "Runner", "check_images", "images_to_batch"]
 
 
 @runtime_checkable
@@ -86,8 +86,9 @@ def check_images(images: np.ndarray, one: bool = False) -> None:
         raise InputError(f"images must be {want} RGB, got shape {images.shape}")
 
 
-class LocalRunner:
-    """Base of the local runners: `with runner:` closes it on the way out."""
+class ClosingRunner:
+    """Base of the runners (local ones and the Triton client): `with runner:` closes it on the
+    way out."""
 
     def close(self) -> None:  # overridden
         pass

@@ -25,7 +25,7 @@ from cosa.errors import ConfigError, MissingDependencyError, ServingError
 from cosa.export.layout import ArtifactChoice, Machine, Runtime, open_artifact
 from cosa.export.spec import INPUT_NAME, LOGITS_NAME, MASK_NAME, SPEC_FILENAME, ModelSpec, read_spec
 from cosa.images import voc_palette
-from cosa.serving.runner import LocalRunner, Runner, check_images, images_to_batch
+from cosa.serving.runner import ClosingRunner, Runner, check_images, images_to_batch
 from cosa.serving.triton_names import DEFAULT_MODEL_NAME
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TRITON_MODEL",
-    "LocalRunner",
+    "ClosingRunner",
     "OnnxRuntimeRunner",
     "Runner",
     "TorchRunner",
@@ -53,7 +53,7 @@ DEFAULT_TRITON_MODEL = DEFAULT_MODEL_NAME  # `cosa triton repo`'s default model 
 # ------------------------------------------------------------------------------------- onnxruntime
 
 
-class OnnxRuntimeRunner(LocalRunner):
+class OnnxRuntimeRunner(ClosingRunner):
     """The ONNX deploy graph in onnxruntime (CUDA provider when available, else CPU)."""
 
     def __init__(
@@ -202,7 +202,7 @@ class OnnxRuntimeRunner(LocalRunner):
 # ------------------------------------------------------------------------------------------- torch
 
 
-class TorchRunner(LocalRunner):
+class TorchRunner(ClosingRunner):
     """The deploy network in PyTorch (a checkpoint, or any module with the deploy contract)."""
 
     def __init__(

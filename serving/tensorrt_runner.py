@@ -16,7 +16,7 @@ from cosa.errors import InputError
 from cosa.export.layout import Runtime, open_artifact
 from cosa.export.spec import LOGITS_NAME, MASK_NAME, ModelSpec
 from cosa.export.tensorrt_engine import Engine
-from cosa.serving.runner import LocalRunner, check_images
+from cosa.serving.runner import ClosingRunner, check_images
 
 __all__ = ["TensorRTRunner", "check_profile"]
 
@@ -24,7 +24,7 @@ _PURPOSE = "--backend tensorrt"
 _FALLBACK = "use --backend onnxruntime"
 
 
-class TensorRTRunner(LocalRunner):
+class TensorRTRunner(ClosingRunner):
     """A serialized TensorRT engine (`model.plan`) on a CUDA GPU.
 
     Works with TensorRT 10 and 11. Inputs must lie inside the engine's optimization profile 0.

@@ -26,7 +26,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
@@ -42,7 +41,7 @@ from cosa.export.spec import (
     deploy_outputs,
 )
 from cosa.images import ImageReadError
-from cosa.serving.runner import check_images
+from cosa.serving.runner import ClosingRunner, check_images
 from cosa.serving.triton_names import (
     DEFAULT_MODEL_NAME,
     ENSEMBLE_INPUT_NAME,
@@ -163,7 +162,7 @@ def _stack(bucket: list[tuple[T, np.ndarray]]) -> tuple[list[T], np.ndarray]:
     return [key for key, _ in bucket], np.stack([image for _, image in bucket])
 
 
-class TritonSegmentationClient:
+class TritonSegmentationClient(ClosingRunner):
     """Client of the segmentation model of a repository written by `cosa triton repo`."""
 
     def __init__(
@@ -592,17 +591,6 @@ class TritonSegmentationClient:
     def close(self) -> None:
         """Closes the connection."""
         self._client.close()
-
-    def __enter__(self) -> TritonSegmentationClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
