@@ -81,6 +81,11 @@ def reports_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# Options several commands share, declared once.
+TritonUrl = Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")]
+TritonProtocol = Annotated[WireProtocol, typer.Option(help="Triton protocol (backend triton).")]
+
+
 def print_json(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -631,8 +636,8 @@ def segment(
         ),
     ] = None,
     backend: Annotated[Backend, typer.Option(help="auto: from the model file.")] = Backend.AUTO,
-    url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
-    protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.GRPC,
+    url: TritonUrl = None,
+    protocol: TritonProtocol = WireProtocol.GRPC,
     precision: Annotated[
         Precision | None,
         typer.Option(
@@ -745,10 +750,8 @@ def stream(
         Path | None, typer.Option(help="Export folder, .onnx/.plan or checkpoint.")
     ] = None,
     backend: Annotated[Backend, typer.Option()] = Backend.AUTO,
-    url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
-    protocol: Annotated[
-        WireProtocol, typer.Option(help="Triton protocol (grpc streams).")
-    ] = WireProtocol.GRPC,
+    url: TritonUrl = None,
+    protocol: TritonProtocol = WireProtocol.GRPC,
     masks: Annotated[
         Path | None, typer.Option(help="Also write one mask PNG per frame here.")
     ] = None,
@@ -813,8 +816,8 @@ def benchmark(
             "here are listed as skipped)."
         ),
     ] = None,
-    url: Annotated[str | None, typer.Option(help="Triton HOST:PORT (backend triton).")] = None,
-    protocol: Annotated[WireProtocol, typer.Option(help="Triton protocol.")] = WireProtocol.GRPC,
+    url: TritonUrl = None,
+    protocol: TritonProtocol = WireProtocol.GRPC,
     batch: Annotated[str, typer.Option(help="Batch sizes to time; the first decides.")] = "1,8",
     size: Annotated[
         str | None, typer.Option(help="HxW of the timing images (default: the export's opt).")
