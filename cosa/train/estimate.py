@@ -1,6 +1,6 @@
 """How long a run will take on this machine, measured before its first step.
 
-The two kinds of step differ by about 2.4x on the demo preset (the warm-up trains the classifier
+The two kinds of step differ 2-3x in time on the demo preset (the warm-up trains the classifier
 alone; the full step adds the teacher's multi-scale pass, the decoder and the losses), and
 evaluation is a sixth of the demo's time, so neither a first-steps rate nor a progress bar's ETA
 says how long a run takes. `estimate_duration` times each part once on this machine instead: a
