@@ -129,8 +129,6 @@ class FakeRunner:
         self.closed = False
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        import time
-
         assert images.dtype == np.float32 and images.ndim == 4 and images.shape[1] == 3
         self.batches.append(images.shape)
         if self.delay:
@@ -144,40 +142,51 @@ class FakeRunner:
 class ParallelRunner(FakeRunner):
     """A runner double with `parallel_calls`: records the most `infer` calls running at once.
 
-    Each call sleeps `delay` plus a random share of `jitter` seconds (so that calls finish out
-    of order), and raises `InputError` for batches `fail_width` pixels wide (like an input outside
-    a TensorRT profile).
+    The first `meet` calls wait for each other (a barrier: the code under test must run that many
+    at once, or the first call fails after `deadline_s`) and then finish in reverse order of
+    entry, so results come back out of order; later calls run straight through. Batches
+    `fail_width` pixels wide raise `InputError` (like an input outside a TensorRT profile).
     """
 
     def __init__(
-        self,
-        parallel_calls: int,
-        fail_width: int | None = None,
-        delay: float = 0.02,
-        jitter: float = 0.0,
+        self, parallel_calls: int, meet: int, fail_width: int | None = None, deadline_s: float = 60
     ) -> None:
         super().__init__()
         self.parallel_calls = parallel_calls
         self.fail_width = fail_width
-        self.delay_range = (delay, delay + jitter)
-        self.rng = np.random.default_rng(0)
-        self.lock = threading.Lock()
+        self.meet = meet
+        self.deadline_s = deadline_s
+        self.barrier = threading.Barrier(meet, timeout=deadline_s)
+        self.changed = threading.Condition()
+        self.entered = 0
+        self.met_and_done = 0  # of the first `meet` calls
         self.running = 0
         self.peak = 0
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        with self.lock:
+        with self.changed:
             self.running += 1
             self.peak = max(self.peak, self.running)
-            pause = float(self.rng.uniform(*self.delay_range))
+            order = self.entered
+            self.entered += 1
         try:
-            time.sleep(pause)
+            if order < self.meet:
+                self.barrier.wait()
+                with self.changed:  # the last to enter finishes first
+                    turn = self.meet - 1 - order
+                    if not self.changed.wait_for(
+                        lambda: self.met_and_done == turn, self.deadline_s
+                    ):
+                        raise TimeoutError("the calls that met never finished")
             if images.shape[-1] == self.fail_width:
                 raise InputError(f"width {self.fail_width} is outside the engine's profile")
             return super().infer(images)
         finally:
-            with self.lock:
+            with self.changed:
                 self.running -= 1
+                if order < self.meet:
+                    self.met_and_done += 1
+                    self.changed.notify_all()
 
 
 def expected_fake_mask_nchw(images: np.ndarray) -> np.ndarray:

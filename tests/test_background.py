@@ -1,34 +1,59 @@
-"""`cosa.serving.background`: bounded background iteration and ordered parallel map."""
+"""`cosa.serving.background`: bounded background iteration and ordered parallel map.
+
+No test sleeps to make threads overlap: overlaps are forced with barriers and conditions, and a
+wait for another thread polls its condition under a generous deadline (a broken implementation
+fails there instead of hanging)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from cosa.serving.background import ordered_calls, ordered_map, prefetch
 
+DEADLINE_S = 60.0  # only reached when the code under test is broken
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` until it holds; fail after `DEADLINE_S`."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.001)
+
 
 def test_prefetch_is_bounded_ordered_and_reraises() -> None:
     produced: list[int] = []
+    asked = 0  # next() calls started by the consumer: an upper bound of the items it has taken
+    overruns: list[tuple[int, int]] = []
 
     def numbers() -> Iterator[int]:
         for i in range(10):
+            # Item i can only be made once item i - 1 went into the queue: at most `depth`
+            # items wait there, so the consumer must have taken at least i - depth.
+            if i > asked + 2:
+                overruns.append((i, asked))
             produced.append(i)
             yield i
         raise ValueError("source broke")
 
     stream = prefetch(numbers(), depth=2)
+    asked += 1
     assert next(stream) == 0
-    time.sleep(0.05)
-    assert len(produced) <= 4  # 1 consumed + 2 queued + 1 blocked in put
+    # The producer runs ahead until it blocks: 2 items queued and a fourth made, waiting to go in.
+    wait_until(lambda: len(produced) >= 4, "the producer filled the queue")
+    assert len(produced) == 4
     received = []
     with pytest.raises(ValueError, match="source broke"):
-        for value in stream:
-            received.append(value)
+        while True:
+            asked += 1
+            received.append(next(stream))
     assert received == list(range(1, 10))  # every item before the error, in order
+    assert overruns == []
     early = prefetch(numbers(), depth=1)
     assert next(early) == 0
     early.close()  # stops the background thread
@@ -45,37 +70,50 @@ def test_prefetch_close_stops_the_producer_for_good() -> None:
     stream = prefetch(numbers(), depth=2, name="test-prefetch")
     assert next(stream) == 0
     stream.close()
-    count = len(pulled)
-    time.sleep(0.05)
-    assert len(pulled) == count <= 4
+    # close() joins the producer: its thread is gone, so nothing can pull `numbers` any more.
     assert not any(t.name == "test-prefetch" for t in threading.enumerate())
+    assert len(pulled) <= 4  # 1 consumed + 2 queued + 1 blocked in put
 
 
 class Tracker:
-    """A function that sleeps longer for smaller items (so that later calls finish first) and
-    records how many calls run at once."""
+    """A function that records how many calls run at once.
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
+    With `together=n`, calls meet in groups of n consecutive items (a barrier: the code under
+    test must run n at once or the test fails at the deadline) and each group finishes in reverse
+    order (each call waits until the later items of its group have finished), so results come
+    back out of order.
+    """
+
+    def __init__(self, together: int = 1) -> None:
+        self.together = together
+        self.barrier = threading.Barrier(together, timeout=DEADLINE_S)
+        self.changed = threading.Condition()
         self.running = 0
         self.peak = 0
         self.started: list[int] = []
+        self.finished: list[int] = []
 
     def __call__(self, item: int) -> int:
-        with self.lock:
+        with self.changed:
             self.running += 1
             self.peak = max(self.peak, self.running)
             self.started.append(item)
-        time.sleep(0.002 * (5 - item % 5))
-        with self.lock:
+        self.barrier.wait()
+        group_end = (item // self.together + 1) * self.together
+        later = set(range(item + 1, group_end))
+        with self.changed:
+            if not self.changed.wait_for(lambda: later <= set(self.finished), DEADLINE_S):
+                raise TimeoutError(f"items {sorted(later)} never finished")
             self.running -= 1
+            self.finished.append(item)
+            self.changed.notify_all()
         if item == 13:
             raise ValueError("item 13 is bad")
         return item * item
 
 
 def test_ordered_map_keeps_order_runs_in_parallel_and_is_bounded() -> None:
-    track = Tracker()
+    track = Tracker(together=3)
     pulled: list[int] = []
 
     def items() -> Iterator[int]:
@@ -88,6 +126,7 @@ def test_ordered_map_keeps_order_runs_in_parallel_and_is_bounded() -> None:
     assert len(pulled) <= 4  # the default window: workers + 1
     assert [0] + list(results) == [i * i for i in range(12)]
     assert track.peak == 3
+    assert track.finished[:3] == [2, 1, 0]  # finished out of order, yielded in order
 
 
 def test_ordered_map_reraises_in_turn_and_close_cancels() -> None:
@@ -113,7 +152,7 @@ def test_ordered_map_reraises_in_turn_and_close_cancels() -> None:
 def test_ordered_calls_runs_calls_at_once_with_one_item_more_within_the_bound(
     calls: int, max_outstanding: int, peak: int, taken: int
 ) -> None:
-    track = Tracker()
+    track = Tracker(together=peak)
     pulled: list[int] = []
     threads: set[str] = set()
 

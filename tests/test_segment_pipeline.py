@@ -405,7 +405,7 @@ def test_runners_with_parallel_calls_get_that_many_at_once(
     arrays = {f"{i:02d}.png": rgb(8, 8 + 4 * (i % 3)) for i in range(30)}
     for name, array in arrays.items():
         save(array, tmp_path / "in" / name)
-    runner = ParallelRunner(parallel_calls, fail_width=16)
+    runner = ParallelRunner(parallel_calls, meet=parallel_calls, fail_width=16)
     summary = segment_inputs([str(tmp_path / "in")], tmp_path / "out", runner, batch_size=2)
     assert runner.peak == parallel_calls
     assert summary.processed == 20  # the 10 images of width 16 fail, in their own batches

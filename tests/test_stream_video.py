@@ -182,7 +182,7 @@ def test_local_runner_parallel_calls_keep_frame_order(
 ) -> None:
     source = write_video(tmp_path / "in.avi")
     decoded, _ = read_video(source)
-    runner = ParallelRunner(parallel_calls, delay=0.0, jitter=0.02)  # calls end out of order
+    runner = ParallelRunner(parallel_calls, meet=peak)  # the first calls end out of order
     summary = run_stream(
         str(source),
         tmp_path / "o.avi",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from cosa.checkpoint import load_checkpoint
+from cosa.config import CosaConfig
 from cosa.data import write_synthetic_dataset
 from cosa.files import stale_temporaries
 from cosa.train.launch import launch
@@ -68,30 +70,18 @@ def test_run_folder_and_exact_resume_after_kill(tiny_data: Path, tmp_path: Path)
     final = load_checkpoint(straight / "checkpoints" / "last.pt")
     assert final.thresholds is not None and "main" in final.thresholds
 
-    # The same run, killed with SIGKILL once a checkpoint exists, then resumed: identical weights.
+    # The same run, killed with SIGKILL halfway through writing iteration 3's checkpoint: the
+    # run has not finished, last.pt still holds iteration 2 and the atomic writer's half-written
+    # temporary file is left beside it. Resuming sweeps that file and ends with the same weights.
     killed = tmp_path / "killed"
-    script = (
-        "import sys, pickle; from cosa.train.launch import launch; "
-        "cfg = pickle.loads(bytes.fromhex(sys.argv[1])); "
-        "launch(cfg, __import__('pathlib').Path(sys.argv[2]), device='cpu', progress=False)"
-    )
-    import pickle
-
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, pickle.dumps(_cfg(tiny_data)).hex(), str(killed)],
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = load_checkpoint(last).iteration  # loadable whatever the moment of the kill
-    assert 1 <= stopped_at <= 4
+    stale = _kill_while_saving(tmp_path, _cfg(tiny_data), killed, iteration=3, nproc=1)
+    assert stale_temporaries(killed / "checkpoints") == [stale] and stale.stat().st_size > 0
+    assert load_checkpoint(killed / "checkpoints" / "last.pt").iteration == 2
+    assert not (killed / "curves.png").exists()  # written when a run ends
     resumed = launch(_cfg(tiny_data), killed, device="cpu", resume=True, progress=False)
     assert resumed.iterations == 4
-    assert stale_temporaries(killed / "checkpoints") == []  # a killed save's temp file is swept
+    assert stale_temporaries(killed / "checkpoints") == []  # the killed save's file is swept
+    assert stale_temporaries(killed) == [] and stale_temporaries(killed / "vis") == []
     again = load_checkpoint(killed / "checkpoints" / "last.pt")
     assert _same_state(final.online, again.online)
     assert _same_state(final.teacher, again.teacher)
@@ -99,25 +89,65 @@ def test_run_folder_and_exact_resume_after_kill(tiny_data: Path, tmp_path: Path)
     assert [r["iter"] for r in lines if r["kind"] == "step"] == [1, 2, 3, 4]
 
 
-def _kill_when_saved(args: list[str], last: Path, iteration: int) -> None:
-    """Run `python -c args` in its own process group; SIGKILL the group (a DDP run: the launcher
-    and its ranks) once `last` holds at least `iteration`."""
+BLOCKED_SAVE = """
+import io, os, pickle, sys, threading
+from pathlib import Path
+
+import torch
+
+from cosa.train.launch import launch
+
+save = torch.save
+
+
+def save_half_then_block(payload, file, *args, **kwargs):
+    # Half of the chosen iteration's checkpoint is written; say where, then wait to be killed.
+    if isinstance(payload, dict) and payload.get("iteration") == int(os.environ["BLOCK_AT"]):
+        encoded = io.BytesIO()
+        save(payload, encoded, *args, **kwargs)
+        file.write(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+        file.flush()
+        Path(os.environ["BLOCKED"]).write_text(file.name)
+        threading.Event().wait()
+    save(payload, file, *args, **kwargs)
+
+
+torch.save = save_half_then_block  # spawned ranks import this file as __mp_main__
+
+if __name__ == "__main__":
+    cfg = pickle.loads(bytes.fromhex(sys.argv[1]))
+    launch(cfg, Path(sys.argv[2]), device="cpu", nproc=int(sys.argv[3]), progress=False)
+"""
+
+
+def _kill_while_saving(
+    scratch: Path, cfg: CosaConfig, out: Path, iteration: int, nproc: int
+) -> Path:
+    """Train `cfg` into `out` in a child process group; SIGKILL it (the launcher and its ranks)
+    while it is half-way through writing the checkpoint of `iteration`. No timing: the child
+    blocks in that write and the kill waits for it to say so.
+
+    Returns:
+        The half-written temporary file the kill left behind.
+    """
+    script, blocked = scratch / "blocked_save.py", scratch / f"{out.name}.blocked"
+    script.write_text(BLOCKED_SAVE)
     proc = subprocess.Popen(
-        [sys.executable, "-c", *args],
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        [sys.executable, str(script), pickle.dumps(cfg).hex(), str(out), str(nproc)],
+        env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        | {"BLOCK_AT": str(iteration), "BLOCKED": str(blocked)},
         start_new_session=True,
     )
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if last.exists():
-            try:
-                if load_checkpoint(last).iteration >= iteration:
-                    break
-            except Exception:  # noqa: BLE001 - being replaced right now; look again
-                pass
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 300  # only reached when something is broken
+        while not blocked.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the save it should be killed in"
+        assert blocked.exists(), "the run never reached the save it should be killed in"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return Path(blocked.read_text())
 
 
 @pytest.mark.slow
@@ -127,8 +157,6 @@ def test_ddp_kill_and_resume_is_exact_with_shared_thresholds(
     """Two gloo ranks: one dynamic-threshold state (the ranks' max-CAM rows gathered), losses
     logged as the mean over ranks, and a run killed with SIGKILL then resumed ends with the
     weights and thresholds of the uninterrupted run."""
-    import pickle
-
     cfg = _cfg(tiny_data, **{"train.eval_every": 100, "train.vis_images": 0})
     straight = launch(cfg, tmp_path / "straight", device="cpu", nproc=2, progress=False)
     assert straight.extra["world_size"] == 2 and straight.extra["ddp_max_param_divergence"] == 0.0
@@ -139,15 +167,9 @@ def test_ddp_kill_and_resume_is_exact_with_shared_thresholds(
     assert [r["iter"] for r in steps if r["kind"] == "step"] == [1, 2, 3, 4]
 
     killed = tmp_path / "killed"
-    script = (
-        "import sys, pickle; from pathlib import Path; from cosa.train.launch import launch; "
-        "launch(pickle.loads(bytes.fromhex(sys.argv[1])), Path(sys.argv[2]), device='cpu', "
-        "nproc=2, progress=False)"
-    )
-    last = killed / "checkpoints" / "last.pt"
-    _kill_when_saved([script, pickle.dumps(cfg).hex(), str(killed)], last, 2)
-    stopped_at = load_checkpoint(killed / "checkpoints" / "last.pt").iteration
-    assert 2 <= stopped_at < 4
+    stale = _kill_while_saving(tmp_path, cfg, killed, iteration=3, nproc=2)
+    assert stale_temporaries(killed / "checkpoints") == [stale]
+    assert load_checkpoint(killed / "checkpoints" / "last.pt").iteration == 2
     resumed = launch(cfg, killed, device="cpu", nproc=2, resume=True, progress=False)
     assert resumed.iterations == 4 and resumed.extra["ddp_max_param_divergence"] == 0.0
     again = load_checkpoint(killed / "checkpoints" / "last.pt")
@@ -235,8 +257,6 @@ if __name__ == "__main__":
 def test_ddp_nan_on_one_rank_stops_every_rank_with_one_message(
     tiny_data: Path, tmp_path: Path
 ) -> None:
-    import pickle
-
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(NAN_ON_RANK_1)
     cfg = _cfg(tiny_data, **{"train.eval_every": 100, "train.vis_images": 0})
@@ -253,7 +273,9 @@ def test_ddp_nan_on_one_rank_stops_every_rank_with_one_message(
     assert load_checkpoint(out / "checkpoints" / "last.pt").iteration == 2
 
 
-def test_cli_errors_are_one_line_exit_2(tiny_data: Path, tmp_path: Path) -> None:
+def test_cli_errors_are_one_line_exit_2(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--resume"])
     assert res.exit_code == 2 and "no checkpoint" in res.output and "Traceback" not in res.output
@@ -261,18 +283,24 @@ def test_cli_errors_are_one_line_exit_2(tiny_data: Path, tmp_path: Path) -> None
     assert res.exit_code == 2 and "did you mean 'seg_weight'" in res.output
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path)])
     assert res.exit_code == 2 and str(tmp_path) in res.output
-    # A bad value fails at resolve time: before the (missing) data is looked at or a folder made.
+    # A bad value fails at resolve time: before training is launched, so before any data is
+    # read or a folder made. Launches are counted; a good value (the control) reaches it once.
+    import cosa.train.launch
+
+    launched: list[CosaConfig] = []
+    monkeypatch.setattr(cosa.train.launch, "launch", lambda cfg, *a, **k: launched.append(cfg))
     for setting in ("separation.temperature=0", "loss.crf_window=2", "pseudo.scales=[0.5, -1]"):
-        started = time.perf_counter()
         res = runner.invoke(
             app,
-            ["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "nope")]
-            + ["--set", setting],
+            ["train", "--out", str(tmp_path / "r"), "--data", str(tiny_data)] + ["--set", setting],
         )
         key = setting.split("=")[0]
         assert res.exit_code == 2 and f"{key}=" in res.output and "must be" in res.output
-        assert "nope" not in res.output and not (tmp_path / "r").exists()
-        assert time.perf_counter() - started < 5
+        assert str(tiny_data) not in res.output and not (tmp_path / "r").exists()
+        assert launched == []
+    good = ["--set", "separation.temperature=0.5"]
+    runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--data", str(tiny_data), *good])
+    assert len(launched) == 1 and launched[0].separation.temperature == 0.5
 
 
 def test_pseudo_flip_off_is_honoured_by_every_teacher_pass(
@@ -334,3 +362,72 @@ def test_trains_on_cuda_with_autocast_and_logs_every_step(tiny_data: Path, tmp_p
     assert [r["iter"] for r in steps] == [1, 2, 3, 4]
     assert all(isinstance(r["loss/total"], float) and r["loss/total"] > 0 for r in steps)
     assert steps[-1]["loss/seg"] > 0 and 0 < steps[-1]["tau_low"] < steps[-1]["tau_high"] < 1
+
+
+def test_ddp_step_equals_one_process_with_the_global_batch(tiny_data: Path, tmp_path: Path) -> None:
+    """Two gloo ranks with 2 images each against one process with all 4, after one step.
+
+    The reference is the plain single-process step on the same 4 crops, not the trainer's own
+    divergence figure. The step is a warm-up step (classification terms, means over images) with
+    the reference warm-up on, so the teacher's multi-scale CAMs also feed the dynamic thresholds
+    (the ranks gather their max-CAM rows). Those losses are means over images and BatchNorm is
+    frozen in training, so a correct DDP gives the one-process gradient exactly; what differs is
+    float rounding (the all-reduce adds the two halves' means; the ranks run on 1 thread). After
+    the warm-up the swapped and CSP terms divide by the pixels counted over the whole batch,
+    which two ranks count apart: there the two set-ups compute different functions, so no
+    tolerance could make that comparison a test of DDP.
+    """
+    import torch.multiprocessing as tmp
+    from ddp_step import one_step, rank_step
+
+    from cosa.train.data import open_run_data, training_batches
+    from cosa.train.distributed import free_port
+
+    cfg = _cfg(
+        tiny_data,
+        **{"train.batch_size": 4, "optim.lr_warmup_iters": 0, "loss.reference_warmup": True},
+    )
+    data = open_run_data(cfg, tmp_path / "run", _cpu_context(), None)
+    class_names = list(data.train.class_names)
+    batch = next(training_batches(cfg, data.train, _cpu_context(), 0))
+    assert batch["weak"].shape[0] == 4
+    torch.save(batch, tmp_path / "batch.pt")
+    tmp.spawn(
+        rank_step,
+        args=(2, free_port(), cfg, class_names, tmp_path / "batch.pt", tmp_path / "ddp.pt"),
+        nprocs=2,
+    )
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    single = one_step(cfg, class_names, batch)
+    half = one_step(cfg, class_names, {k: v[:2] for k, v in batch.items()})
+
+    grads = single["grads"]
+    assert ddp["grads"].keys() == grads.keys() == half["grads"].keys()
+    scale = max(float(g.abs().max()) for g in grads.values())
+    tolerance = 1e-4 * scale  # float rounding; measured about 7e-6 x scale
+    for key, grad in grads.items():
+        torch.testing.assert_close(ddp["grads"][key], grad, rtol=0, atol=tolerance, msg=key)
+    # The comparison has teeth: rank 0's images alone give another gradient, far outside it.
+    assert (
+        max(float((half["grads"][k] - g).abs().max()) for k, g in grads.items()) > 100 * tolerance
+    )
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    # AdamW's first step moves a weight by lr x g / (|g| + eps) (plus the decay): where |g| is
+    # above its rounding error that is fixed to within 1e-9; where the gradient is rounding noise
+    # itself the move may go either way, by lr at most (measured 4e-6 where lr is 4.6e-5).
+    settled = {key: grad.abs() > tolerance for key, grad in grads.items()}
+    assert sum(int(s.sum()) for s in settled.values()) > 0.5 * sum(
+        g.numel() for g in grads.values()
+    )
+    for name in ("online", "teacher"):
+        for key, value in single[name].items():
+            gap = (ddp[name][key] - value).abs()
+            if key not in grads:  # buffers
+                assert float(gap.max()) <= 1e-6, key
+                continue
+            assert float(gap.max()) <= 1.01 * single["lr"][key], key
+            if settled[key].any():
+                assert float(gap[settled[key]].max()) <= 1e-6, key
+    for head in ("main", "aux"):
+        for key, value in single["thresholds"][head].items():
+            torch.testing.assert_close(ddp["thresholds"][head][key], value, rtol=1e-5, atol=1e-6)
