@@ -10,9 +10,9 @@ from torch import nn
 
 from cosa.checkpoint import Checkpoint, load_deploy_model, save_checkpoint
 from cosa.config import CosaConfig, ModelConfig
-from cosa.model import DeployModel
+from cosa.model import CosaNet, DeployModel
 
-KEEP_BLOCKS = 2  # ViT blocks kept by `shallow_loader`
+KEEP_BLOCKS = 2  # ViT blocks kept by `cut_vit` (>= 2: F_aux comes from a block before the last)
 
 
 def save_net_checkpoint(
@@ -38,11 +38,19 @@ def save_net_checkpoint(
     return path
 
 
+def cut_vit(net: CosaNet) -> CosaNet:
+    """Cut a ViT backbone of `net` to its first KEEP_BLOCKS blocks, in place (test speed only: the
+    same code path with fewer repeats of the same block); other backbones are left as they are."""
+    encoder = net.encoder
+    if hasattr(encoder, "vit"):
+        encoder.vit.blocks = encoder.vit.blocks[:KEEP_BLOCKS]
+        # F_aux stays the output of a block before the last, as block 10 of 12 is in full.
+        encoder.aux_block = KEEP_BLOCKS - 2
+    return net
+
+
 def shallow_loader(path: Path) -> tuple[DeployModel, Checkpoint]:
-    """The real `load_deploy_model`, then a ViT cut to KEEP_BLOCKS blocks (test speed only; other
-    backbones are returned as loaded)."""
+    """The real `load_deploy_model`, then a ViT cut to KEEP_BLOCKS blocks (`cut_vit`)."""
     model, ckpt = load_deploy_model(path)
-    if hasattr(model.net.encoder, "vit"):
-        vit = model.net.encoder.vit
-        vit.blocks = vit.blocks[:KEEP_BLOCKS]
+    cut_vit(model.net)
     return model, ckpt
