@@ -30,7 +30,9 @@ from cosa.train.launch import launch
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "data"
-    write_synthetic_dataset(root, 8, 2, 2, seed=1)
+    # No test split: no run here reads the test report, which scores every test image at full
+    # size at the end of each run (the CLI journey checks it).
+    write_synthetic_dataset(root, 8, 2, 0, seed=1)
     return root
 
 
@@ -188,6 +190,7 @@ def test_warm_up_as_the_reference(tiny_data: Path, tmp_path: Path) -> None:
     from cosa.train.threshold_pair import ThresholdPair
 
     settings = {"loss.warmup_iters": 10, "train.max_iters": 3, "thresholds.queue_images": 16}
+    settings |= {"train.eval_every": 100, "train.eval_max_images": 1}  # one short evaluation
     cfg = _cfg(tiny_data, **settings, **{"train.vis_images": 0, "loss.reference_warmup": True})
     launch(cfg, tmp_path / "run", device="cpu", progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -212,6 +215,7 @@ def test_warm_up_without_the_reference_s_extras(tiny_data: Path, tmp_path: Path)
     from cosa.train.threshold_pair import ThresholdPair
 
     settings = {"loss.warmup_iters": 10, "train.max_iters": 3, "thresholds.queue_images": 16}
+    settings |= {"train.eval_every": 100, "train.eval_max_images": 1}  # one short evaluation
     cfg = _cfg(tiny_data, **settings, **{"train.vis_images": 0, "loss.reference_warmup": False})
     launch(cfg, tmp_path / "run", device="cpu", progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
