@@ -97,6 +97,7 @@ from pathlib import Path
 
 import torch
 
+from cosa.files import write_text_atomic
 from cosa.train.launch import launch
 
 save = torch.save
@@ -109,7 +110,7 @@ def save_half_then_block(payload, file, *args, **kwargs):
         save(payload, encoded, *args, **kwargs)
         file.write(encoded.getvalue()[: len(encoded.getvalue()) // 2])
         file.flush()
-        Path(os.environ["BLOCKED"]).write_text(file.name)
+        write_text_atomic(Path(os.environ["BLOCKED"]), file.name)  # seen whole or not at all
         threading.Event().wait()
     save(payload, file, *args, **kwargs)
 
