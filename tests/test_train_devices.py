@@ -120,3 +120,24 @@ def test_real_cuda_rng_and_scaler_restore() -> None:
 def test_an_unknown_device_name_is_a_config_error_with_a_suggestion() -> None:
     with pytest.raises(ConfigError, match="unknown device 'cdua'; choose one of auto, cpu, cuda"):
         resolve_device("cdua")
+
+
+def test_cpu_ranks_of_one_machine_split_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from cosa.train.distributed import share_cores
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    try:
+        share_cores(torch.device("cpu"), 2)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        torch.set_num_threads(before)
+        share_cores(torch.device("cpu"), 1)  # one rank keeps every core
+        assert torch.get_num_threads() == before
+        monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+        share_cores(torch.device("cpu"), 2)  # the user's (or torchrun's) setting wins
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

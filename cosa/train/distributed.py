@@ -60,12 +60,25 @@ def setup_distributed(device_choice: str) -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_choice, local_rank)
+    share_cores(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def share_cores(device: torch.device, local_ranks: int) -> None:
+    """CPU ranks of one machine split its cores between their compute threads.
+
+    Each rank would otherwise start one thread per core, and N ranks oversubscribe the machine N
+    times over (torchrun sets OMP_NUM_THREADS=1 for the same reason). An OMP_NUM_THREADS the user
+    (or torchrun) set is kept.
+    """
+    if device.type != "cpu" or local_ranks <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
 
 
 def teardown_distributed() -> None:
