@@ -121,14 +121,23 @@ def test_a_run_prints_its_estimate_and_trains_as_without_it(
     from cosa.train.trainer import train
 
     monkeypatch.setattr(trainer_module, "MIN_STEPS_TO_ESTIMATE", 1)
-    cfg = tiny_config(data, **{"train.max_iters": 3, "train.checkpoint_every": 3})
+    # Two warm-up steps and a full one, one evaluation (at the end), no pictures.
+    cfg = tiny_config(
+        data,
+        **{
+            "train.max_iters": 3,
+            "train.eval_every": 3,
+            "train.checkpoint_every": 3,
+            "train.vis_images": 0,
+        },
+    )
     train(cfg, tmp_path / "estimated", device="cpu", progress=True)
     captured = capsys.readouterr()
     assert "expected: about" in captured.err and "expected" not in captured.out
     records = read_metrics(tmp_path / "estimated" / "metrics.jsonl")
     estimates = [r for r in records if r["kind"] == "estimate"]
     assert len(estimates) == 1 and estimates[0]["iter"] == 0
-    assert estimates[0]["warmup_steps"] + estimates[0]["full_steps"] == 3
+    assert (estimates[0]["warmup_steps"], estimates[0]["full_steps"]) == (2, 1)
 
     train(cfg, tmp_path / "plain", device="cpu", progress=False)
     estimated = load_checkpoint(tmp_path / "estimated" / "checkpoints" / "last.pt")
