@@ -433,6 +433,10 @@ def test_ddp_step_equals_one_process_with_the_global_batch(tiny_data: Path, tmp_
             assert float(gap.max()) <= 1.01 * single["lr"][key], key
             if settled[key].any():
                 assert float(gap[settled[key]].max()) <= 1e-6, key
+    # The thresholds' EM runs on CAMs from convolutions over 2 and 4 images, which round
+    # differently (measured 3e-6 absolute); rank 0's images alone move them far more.
     for head in ("main", "aux"):
         for key, value in single["thresholds"][head].items():
-            torch.testing.assert_close(ddp["thresholds"][head][key], value, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ddp["thresholds"][head][key], value, rtol=1e-4, atol=1e-5)
+        queue = single["thresholds"][head]["queue"]
+        assert float((half["thresholds"][head]["queue"] - queue).abs().max()) > 1e-2

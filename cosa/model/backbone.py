@@ -191,7 +191,7 @@ class _StaticSamePadConv2d(nn.Conv2d):
         return super().forward(F.pad(x, self.same_pad))
 
 
-class _ClampReLU6(nn.Module):
+class ClampReLU6(nn.Module):
     """ReLU6 written as `clamp(x, 0, 6)`: the same function, but a core ATen op.
 
     `nn.ReLU6` is `hardtanh`, which torch.export decomposes op by op with symbolic-shape checks;
@@ -212,7 +212,7 @@ class EfficientNetLite0Encoder(Encoder):
 
     The input is cropped to a multiple of 16 (bottom/right remainder dropped, as the ViT patch conv
     does), so the grid is (H // 16, W // 16) for every backbone, and TensorFlow 'SAME' padding
-    becomes static (see `_StaticSamePadConv2d`); ReLU6 runs as a clamp (see `_ClampReLU6`). Both
+    becomes static (see `_StaticSamePadConv2d`); ReLU6 runs as a clamp (see `ClampReLU6`). Both
     swaps keep timm's parameter names and the function computed. The classifier-only tail of the
     ImageNet network (conv_head, bn2, classifier) is not part of the encoder.
 
@@ -246,14 +246,14 @@ class EfficientNetLite0Encoder(Encoder):
 
 def _make_export_friendly(module: nn.Module) -> None:
     """Below `module`, replace timm's `Conv2dSame` by `_StaticSamePadConv2d` (same weights) and
-    `nn.ReLU6` by `_ClampReLU6`. Parameter names and values do not change."""
+    `nn.ReLU6` by `ClampReLU6`. Parameter names and values do not change."""
     for name, child in module.named_children():
         if isinstance(child, Conv2dSame):
             fixed = _StaticSamePadConv2d(child)
             fixed.load_state_dict(child.state_dict())
             setattr(module, name, fixed)
         elif isinstance(child, nn.ReLU6):
-            setattr(module, name, _ClampReLU6())
+            setattr(module, name, ClampReLU6())
         else:
             _make_export_friendly(child)
 

@@ -16,6 +16,7 @@ from cosa.config import CosaConfig
 from cosa.device import training_memory_format
 from cosa.errors import CheckpointError
 from cosa.model import CosaNet, build_model, make_teacher
+from cosa.model.folding import FoldedNetwork
 from cosa.train.distributed import DistContext
 from cosa.train.rng import restore_rng_state, rng_state, seed_everything
 from cosa.train.schedule import build_optimizer, build_scheduler
@@ -31,7 +32,10 @@ class TrainState:
     Attributes:
         student: the online network (unwrapped).
         model: what the step calls: `student`, or its DDP wrapper.
-        teacher: the assignment network (EMA of the student, never back-propagated).
+        teacher: the assignment network (EMA of the student, never back-propagated); it owns the
+            teacher's weights (checkpoints, evaluation).
+        teacher_pass: the teacher's forward with its BatchNorms folded into its convolutions,
+            for the step's teacher pass (recomputed whenever the teacher changes).
         optimizer, scheduler, scaler: AdamW, its per-step LR schedule, the fp16 gradient scaler.
         trainable: every parameter the optimiser updates.
         thresholds: the CAM thresholds in force.
@@ -41,6 +45,7 @@ class TrainState:
     student: CosaNet
     model: torch.nn.Module
     teacher: CosaNet
+    teacher_pass: FoldedNetwork
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -121,6 +126,7 @@ def build_state(
         student=student,
         model=student,
         teacher=teacher,
+        teacher_pass=FoldedNetwork(teacher),
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.optim, cfg.train.max_iters),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_fp16),

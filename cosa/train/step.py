@@ -83,7 +83,7 @@ def train_step(
         if needs_teacher:
             with record_function("cosa.teacher"):
                 teacher = teacher_forward(
-                    state.teacher,
+                    state.teacher_pass,
                     batch["weak"],
                     batch["label"],
                     scales=cfg.pseudo.scales,
