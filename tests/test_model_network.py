@@ -11,6 +11,7 @@ from cosa.config import BACKBONES as CONFIG_BACKBONES
 from cosa.config import ModelConfig
 from cosa.errors import ConfigError
 from cosa.model import BACKBONE_CHOICES, CosaNet, build_encoder, build_model
+from cosa.model.backbone import ExportableReLU6
 
 pytestmark = pytest.mark.usefixtures("no_network")  # weights come from local files only
 
@@ -172,6 +173,21 @@ def test_efficientnet_static_same_padding_equals_timm(nets: dict[str, CosaNet]) 
     assert features.shape == (2, 320, 4, 6)
     torch.testing.assert_close(features, ref_features)
     torch.testing.assert_close(aux, ref_aux)
+
+
+def test_relu6_trains_as_relu6_and_exports_as_a_clamp() -> None:
+    """The same function both ways; torch.export sees the core clamp op, eager mode relu6 (whose
+    backward is one kernel)."""
+    act = ExportableReLU6()
+    x = torch.tensor([-1.0, 0.0, 2.5, 6.0, 7.0], requires_grad=True)
+    y = act(x)
+    torch.testing.assert_close(y, torch.tensor([0.0, 0.0, 2.5, 6.0, 6.0]), rtol=0, atol=0)
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]  # hardtanh's: open interval
+    assert "hardtanh" in y.grad_fn.name().lower()
+    program = torch.export.export(act, (torch.randn(2, 3),))
+    ops = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert ops == [torch.ops.aten.clamp.default]
 
 
 def test_param_groups_cover_trainable_params_once(nets: dict[str, CosaNet]) -> None:

@@ -70,8 +70,10 @@ def reliability_pseudo_label(
     keep = torch.cat([torch.ones_like(present[:, :1]), present], dim=1)[:, :, None, None]
     logits = logits.masked_fill(~keep, _ABSENT)
 
-    log_q = torch.log_softmax(logits, dim=1)
-    entropy = -(log_q.exp() * log_q).sum(dim=1)  # (B, H, W), in [0, log K_i]
+    # softmax, not log_q.exp(): exp of the absent classes' -1e4 logits takes the CPU's slow path
+    # (10x slower over the whole map); both give exactly 0 there.
+    q, log_q = torch.softmax(logits, dim=1), torch.log_softmax(logits, dim=1)
+    entropy = -(q * log_q).sum(dim=1)  # (B, H, W), in [0, log K_i]
     weight = torch.exp(-beta * entropy)  # PP^-beta
     # Channel index == class id (0 = background); max().indices is argmax, faster on the CPU.
     label = logits.max(dim=1).indices

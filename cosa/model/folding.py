@@ -27,15 +27,15 @@ import torch.fx
 from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
 
-from cosa.model.backbone import ClampReLU6
+from cosa.model.backbone import ExportableReLU6
 
 log = logging.getLogger(__name__)
 
 _FOLDABLE_NORMS = (nn.BatchNorm2d, BatchNormAct2d)
 
 
-class _InPlaceClampReLU6(nn.Module):
-    """`clamp_(x, 0, 6)`: ReLU6 without a new tensor, safe where x has no other consumer."""
+class _InPlaceReLU6(nn.Module):
+    """ReLU6 without a new tensor: safe where x has no other consumer (a folded conv's output)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x.clamp_(0.0, 6.0)
@@ -45,9 +45,9 @@ class _LeafTracer(torch.fx.Tracer):
     """Keeps convolutions, BatchNorms and activations whole, so the graph shows who feeds whom."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (nn.Conv2d, *_FOLDABLE_NORMS, ClampReLU6)) or super().is_leaf_module(
-            m, module_qualified_name
-        )
+        return isinstance(
+            m, (nn.Conv2d, *_FOLDABLE_NORMS, ExportableReLU6)
+        ) or super().is_leaf_module(m, module_qualified_name)
 
 
 def foldable_pairs(network: nn.Module) -> list[tuple[str, str]]:
@@ -98,7 +98,7 @@ def _is_foldable_norm(module: nn.Module) -> bool:
 def _after_norm(norm: nn.Module) -> nn.Module:
     """What is left of `norm` (eval mode) once its affine map lives in the conv before it."""
     if isinstance(norm, BatchNormAct2d):
-        act = _InPlaceClampReLU6() if isinstance(norm.act, ClampReLU6) else norm.act
+        act = _InPlaceReLU6() if isinstance(norm.act, ExportableReLU6) else norm.act
         return nn.Sequential(norm.drop, act)
     return nn.Identity()
 
