@@ -8,8 +8,14 @@ full CoSA step, and reports the median s/it of the timed steps and, over the who
 Sides run in turn (A, B, A, B, ...) for `--rounds` rounds; the table gives each side's median
 over rounds and the ratios B / A.
 
+The phase `run` is the demo's whole training run instead, as `cosa demo` trains it (the preset
+unchanged: its own synthetic data, every step, every evaluation, the test split at the end); it
+reports the wall time of `train()`, its CPU time and the test mIoU. `cosa demo` adds data
+generation, export and segmentation of 8 images to that (under a minute on 2 cores).
+
     python benchmarks/train_ab.py --against 6e97449                 # this tree vs a commit
     python benchmarks/train_ab.py --system-malloc                   # this tree, malloc tuned vs not
+    python benchmarks/train_ab.py --against 6e97449 --phases run --rounds 1   # the demo's training
 
 Only `cosa/` of the other commit is imported (training needs nothing outside it), from a
 temporary `git worktree`, so the script works against any commit whose trainer has
@@ -35,16 +41,16 @@ from train_speed import timing_loop  # noqa: E402  (benchmarks/ is the script's 
 
 # Runs inside the side's tree (PYTHONPATH); uses only APIs both trees have.
 DRIVER = r"""
-import json, resource, statistics, sys
+import json, resource, statistics, sys, time
 from pathlib import Path
 from cosa.config import apply_overrides, preset
 from cosa.train.trainer import train
 
 spec = json.loads(sys.argv[1])
 cfg = apply_overrides(preset("demo"), spec["overrides"])
-before = resource.getrusage(resource.RUSAGE_SELF)
-train(cfg, Path(spec["out"]), device="cpu", progress=False)
-after = resource.getrusage(resource.RUSAGE_SELF)
+before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+result = train(cfg, Path(spec["out"]), device="cpu", progress=False)
+after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - start
 lines = Path(spec["out"], "metrics.jsonl").read_text().splitlines()
 steps = [json.loads(x) for x in lines if json.loads(x).get("kind") == "step"]
 timed = [r["sec_per_it"] for r in steps[spec["warmup"]:]]
@@ -56,6 +62,10 @@ print(json.dumps({
     "user_s_per_step": (after.ru_utime - before.ru_utime) / n,
     "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / n,
     "malloc_tuned": bool(allocator and allocator.keep_freed_memory()),
+    "wall_s": wall,
+    "user_s": after.ru_utime - before.ru_utime,
+    "sys_s": after.ru_stime - before.ru_stime,
+    "test_miou": (result.test or {}).get("miou"),
 }))
 """
 
@@ -74,6 +84,8 @@ def run_once(side: Side, data: Path, out: Path, phase: str, warmup: int, iters: 
         "loss.warmup_ramp": 0,
         "loss.warmup_iters": steps + 1 if phase == "warm-up" else 0,
     }
+    if phase == "run":
+        overrides, warmup = {}, 0
     spec = {"overrides": overrides, "out": str(out), "warmup": warmup}
     path = os.pathsep.join(filter(None, [str(side.tree), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, **side.env, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
@@ -95,8 +107,9 @@ def markdown(meta: dict, table: dict) -> str:
         "# Training A/B",
         "",
         f"{meta['machine']}, {meta['cpus']} CPUs, load average {meta['load_at_start']} at start. "
-        f"Demo preset, {meta['iters']} timed steps after {meta['warmup']}, {meta['rounds']} rounds "
-        f"alternating; medians over rounds. Command: `{meta['command']}`.",
+        f"Demo preset, {meta['iters']} timed steps after {meta['warmup']} (phase `run`: the "
+        f"demo's whole training run), {meta['rounds']} rounds alternating; medians over rounds. "
+        f"Command: `{meta['command']}`.",
         "",
         "| phase | metric | " + f"A: {a} | B: {b} | B / A |",
         "|---|---|---:|---:|---:|",
@@ -176,11 +189,12 @@ def main() -> None:
                     ["git", "worktree", "remove", "--force", str(work / "other")], cwd=ROOT
                 )
 
-    metrics = ("sec_per_it", "sys_s_per_step", "user_s_per_step", "minor_faults_per_step")
+    step_metrics = ("sec_per_it", "sys_s_per_step", "user_s_per_step", "minor_faults_per_step")
+    run_metrics = ("wall_s", "user_s", "sys_s", "test_miou")
     table = {
         phase: {
             m: tuple(statistics.median(r[m] for r in results[(phase, s.name)]) for s in sides)
-            for m in metrics
+            for m in (run_metrics if phase == "run" else step_metrics)
         }
         for phase in phases
     }

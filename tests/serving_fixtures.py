@@ -2,21 +2,25 @@
 test_stream_*, test_artifact_choice, test_benchmark): the tiny real model exported once, a fast
 content-dependent fake runner, and export folders of one-Conv graphs written in milliseconds.
 
-The tiny model is the real deploy network (`DeployModel` of a ViT-Ti/16 with a 16-channel decoder,
-3 foreground classes, random weights from a fixed seed), exported with the dynamo exporter and
-dynamic N, H, W. The export takes 10-30 s on 2 busy cores, so it runs once per session and is kept
-in pytest's cache folder (`.pytest_cache/d/...`) under a key that hashes the model sources and the
-torch/onnx versions: any change to them exports again.
+The tiny model is the real deploy network (`DeployModel` of a ViT-Ti/16 cut to its first
+`model_fixtures.KEEP_BLOCKS` blocks, with a 16-channel decoder, 3 foreground classes, random
+weights from a fixed seed), exported with the dynamo exporter and dynamic N, H, W. The export
+takes a few seconds, so it runs once per session and is kept in pytest's cache folder
+(`.pytest_cache/d/...`) under a key that hashes the model sources and the torch/onnx versions:
+any change to them exports again. Its checkpoint holds the whole 12-block network; loaders cut
+it as the export was cut while `loading_shallow()` is active.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -36,7 +40,8 @@ TINY_SPEC = ModelSpec(class_names=CLASS_NAMES, palette=PALETTE, precision="fp32"
 
 @dataclass(frozen=True)
 class TinyArtifacts:
-    """`folder`: spec.json + model.onnx; `checkpoint`: the same weights as a cosa checkpoint."""
+    """`folder`: spec.json + model.onnx; `checkpoint`: the same weights as a cosa checkpoint, at
+    full depth (load it inside `loading_shallow()` to get the exported network)."""
 
     folder: Path
     checkpoint: Path
@@ -48,7 +53,7 @@ _MEMO: dict[str, TinyArtifacts] = {}
 def _cache_key() -> str:
     """Hash of the model sources and library versions, without importing torch (slow)."""
     versions = " ".join(metadata.version(name) for name in ("torch", "onnx", "timm"))
-    digest = hashlib.sha256(f"{versions} v1".encode())
+    digest = hashlib.sha256(f"{versions} v2".encode())
     spec = importlib.util.find_spec("cosa.model")
     if spec is None or spec.origin is None:
         pytest.skip("cosa.model is not available")
@@ -59,7 +64,7 @@ def _cache_key() -> str:
 
 def _build(dest: Path) -> None:
     import torch
-    from model_fixtures import save_net_checkpoint
+    from model_fixtures import cut_vit, save_net_checkpoint
 
     from cosa.config import ModelConfig
     from cosa.export.spec import INPUT_NAME, LOGITS_NAME, write_spec
@@ -72,6 +77,7 @@ def _build(dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     (tmp / "export").mkdir()
     save_net_checkpoint(net, model_cfg, CLASS_NAMES, PALETTE, tmp / "tiny.pt")
+    cut_vit(net)
     dim = torch.export.Dim.DYNAMIC
     with torch.no_grad():
         torch.onnx.export(
@@ -113,6 +119,17 @@ def tiny_artifacts(
             _build(dest)
         _MEMO[key] = TinyArtifacts(folder=dest / "export", checkpoint=dest / "tiny.pt")
     return _MEMO[key]
+
+
+@contextlib.contextmanager
+def loading_shallow() -> Iterator[None]:
+    """While active, every checkpoint loaded for inference (the torch runner, `cosa benchmark`'s
+    checkpoint row) has its ViT cut as the tiny export's was (`model_fixtures.shallow_loader`)."""
+    from model_fixtures import shallow_loader
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("cosa.checkpoint.load_deploy_model", shallow_loader)
+        yield
 
 
 class FakeRunner:

@@ -12,11 +12,12 @@ import json
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_fixtures import TinyArtifacts, make_export, tiny_artifacts
+from serving_fixtures import TinyArtifacts, loading_shallow, make_export, tiny_artifacts
 from typer.testing import CliRunner
 
 from cli import app
@@ -48,8 +49,11 @@ def int8_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyArtifacts:
-    return tiny_artifacts(request.config, tmp_path_factory)
+def tiny(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TinyArtifacts]:
+    with loading_shallow():
+        yield tiny_artifacts(request.config, tmp_path_factory)
 
 
 def test_time_calls_takes_turns_and_counts() -> None:

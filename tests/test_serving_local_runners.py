@@ -7,13 +7,21 @@ import os
 import shutil
 import sys
 import types
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from serving_fixtures import CLASS_NAMES, PALETTE, TINY_SPEC, TinyArtifacts, tiny_artifacts
+from serving_fixtures import (
+    CLASS_NAMES,
+    PALETTE,
+    TINY_SPEC,
+    TinyArtifacts,
+    loading_shallow,
+    tiny_artifacts,
+)
 from tensorrt_fakes import CudaFakeEngine, FakeEngine, fake_tensorrt, install_fake_cuda
 
 from cosa.errors import (
@@ -37,8 +45,11 @@ from cosa.serving.tensorrt_runner import TensorRTRunner, check_profile
 
 
 @pytest.fixture(scope="module")
-def tiny(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> TinyArtifacts:
-    return tiny_artifacts(pytestconfig, tmp_path_factory)
+def tiny(
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TinyArtifacts]:
+    with loading_shallow():
+        yield tiny_artifacts(pytestconfig, tmp_path_factory)
 
 
 def batch(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
