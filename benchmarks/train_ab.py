@@ -77,7 +77,9 @@ class Side:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def run_once(side: Side, data: Path, out: Path, phase: str, warmup: int, iters: int) -> dict:
+def run_once(
+    side: Side, data: Path, out: Path, phase: str, warmup: int, iters: int, extra: dict
+) -> dict:
     steps = warmup + iters
     overrides = {
         **timing_loop(data, steps),
@@ -86,7 +88,7 @@ def run_once(side: Side, data: Path, out: Path, phase: str, warmup: int, iters: 
     }
     if phase == "run":
         overrides, warmup = {}, 0
-    spec = {"overrides": overrides, "out": str(out), "warmup": warmup}
+    spec = {"overrides": {**overrides, **extra}, "out": str(out), "warmup": warmup}
     path = os.pathsep.join(filter(None, [str(side.tree), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, **side.env, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(
@@ -140,10 +142,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--phases", default="warm-up,full")
+    parser.add_argument(
+        "--set",
+        dest="set_",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of the demo preset for both sides, repeatable (e.g. train.seed=1)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="train_ab", help="result file stem")
     args = parser.parse_args()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    sys.path.insert(0, str(ROOT))
+    from cosa.config import parse_set_option
+
+    extra = parse_set_option(args.set_)
     load_at_start = round(os.getloadavg()[0], 2)
 
     with tempfile.TemporaryDirectory(prefix="cosa_train_ab_") as tmp:
@@ -165,7 +179,6 @@ def main() -> None:
                 Side("tuned", ROOT),
             ]
         try:
-            sys.path.insert(0, str(ROOT))
             from cosa.data import write_synthetic_dataset
 
             data = work / "data"
@@ -177,7 +190,7 @@ def main() -> None:
                     for side in sides:
                         run += 1
                         row = run_once(
-                            side, data, work / f"run{run}", phase, args.warmup, args.iters
+                            side, data, work / f"run{run}", phase, args.warmup, args.iters, extra
                         )
                         print(
                             json.dumps({"round": round_, "phase": phase, "side": side.name, **row})
