@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cosa.config import ModelConfig
-from cosa.model import CosaNet, build_model, ema_update, make_teacher
+from cosa.model import CosaNet, DeployModel, build_model, ema_update, make_teacher
 from cosa.model.folding import FoldedNetwork, foldable_pairs
 
 pytestmark = pytest.mark.usefixtures("no_network")  # weights come from local files only
@@ -151,3 +151,22 @@ def test_a_network_in_train_mode_is_refused() -> None:
     net = _Chain()
     with pytest.raises(RuntimeError, match="eval-mode"):
         FoldedNetwork(net)(torch.randn(1, 3, 8, 8))
+
+
+def test_the_refreshed_twin_deploys_as_the_source() -> None:
+    """Evaluations hand the twin to `DeployModel`: the same logits as the teacher's own."""
+    student, teacher = networks()
+    folded = FoldedNetwork(teacher)
+    images = torch.rand(2, 3, 50, 70) * 255
+    with torch.no_grad():
+        want = DeployModel(teacher).eval()(images)
+        got = DeployModel(folded.refreshed()).eval()(images)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-4 * float(want[0].abs().max()))
+        assert (got[1] == want[1]).float().mean() > 0.999
+        scramble_norms(student, 5)
+        ema_update(teacher, student, momentum=0.0)  # the twin handed out before is stale now
+        moved = DeployModel(teacher).eval()(images)
+        assert float((moved[0] - want[0]).abs().max()) > 1e-2
+        want = moved
+        got = DeployModel(folded.refreshed()).eval()(images)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-4 * float(want[0].abs().max()))

@@ -20,7 +20,7 @@ import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.fx
@@ -32,6 +32,8 @@ from cosa.model.backbone import ExportableReLU6
 log = logging.getLogger(__name__)
 
 _FOLDABLE_NORMS = (nn.BatchNorm2d, BatchNormAct2d)
+
+Net = TypeVar("Net", bound=nn.Module)
 
 
 class _InPlaceReLU6(nn.Module):
@@ -138,7 +140,7 @@ class _Pair:
         self.folded._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
 
 
-class FoldedNetwork:
+class FoldedNetwork(Generic[Net]):
     """Runs eval-mode `source` with its conv -> BatchNorm pairs folded; outputs equal the source's
     up to float rounding.
 
@@ -152,12 +154,12 @@ class FoldedNetwork:
         pairs: `(conv, norm)` qualified names that are folded.
     """
 
-    def __init__(self, source: nn.Module) -> None:
+    def __init__(self, source: Net) -> None:
         self.source = source
         self.pairs = foldable_pairs(source)
         self._pairs: list[_Pair] = []
         self._seen: tuple[tuple[int, int], ...] = ()
-        self._twin = source
+        self._twin: Net = source
         if not self.pairs:
             return
         self._twin = copy.deepcopy(source)
@@ -187,8 +189,10 @@ class FoldedNetwork:
             pair.refresh()
         self._seen = stamp
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """The source's forward on the folded twin.
+    def refreshed(self) -> Net:
+        """The folded twin, current with the source now: a network of the source's class to hand
+        to code that needs one (an evaluation between two steps). It goes stale when the source
+        changes next; call this again then.
 
         Raises:
             RuntimeError: the source is in train mode (BatchNorm then normalises with the batch's
@@ -197,4 +201,8 @@ class FoldedNetwork:
         if self.source.training:
             raise RuntimeError("FoldedNetwork runs an eval-mode network; call source.eval() first")
         self.refresh()
-        return self._twin(*args, **kwargs)
+        return self._twin
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The source's forward on the folded twin (see `refreshed` for the errors)."""
+        return self.refreshed()(*args, **kwargs)

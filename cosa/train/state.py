@@ -34,8 +34,8 @@ class TrainState:
         model: what the step calls: `student`, or its DDP wrapper.
         teacher: the assignment network (EMA of the student, never back-propagated); it owns the
             teacher's weights (checkpoints, evaluation).
-        teacher_pass: the teacher's forward with its BatchNorms folded into its convolutions,
-            for the step's teacher pass (recomputed whenever the teacher changes).
+        teacher_pass: the teacher with its BatchNorms folded into its convolutions, for the
+            step's teacher pass and the evaluations (recomputed whenever the teacher changes).
         optimizer, scheduler, scaler: AdamW, its per-step LR schedule, the fp16 gradient scaler.
         trainable: every parameter the optimiser updates.
         thresholds: the CAM thresholds in force.
@@ -45,7 +45,7 @@ class TrainState:
     student: CosaNet
     model: torch.nn.Module
     teacher: CosaNet
-    teacher_pass: FoldedNetwork
+    teacher_pass: FoldedNetwork[CosaNet]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler

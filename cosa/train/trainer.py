@@ -242,7 +242,7 @@ class Trainer:
                 result.tag_f1,
             )
             save_teacher_pictures(
-                self.state.teacher,
+                self.state.teacher_pass.refreshed(),
                 self.pictured,
                 self.cfg,
                 self.state.thresholds.main_pair(),
@@ -256,7 +256,7 @@ class Trainer:
 
     def evaluate_teacher(self, index: DatasetIndex, max_images: int | None = None) -> EvalResult:
         """The teacher's deployed output, CAM and CPL quality on a split."""
-        cfg, teacher = self.cfg, self.state.teacher
+        cfg, teacher = self.cfg, self.state.teacher_pass.refreshed()
         low, high = self.state.thresholds.main_pair()
         quality = CamQuality(
             teacher,
