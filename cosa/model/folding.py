@@ -3,15 +3,14 @@
 The assignment network (teacher) is never trained by back-propagation and always runs in eval
 mode, so each BatchNorm is a per-channel affine map `y = (x - mean) * s + beta`,
 `s = gamma / sqrt(var + eps)`, that can be folded into the convolution feeding it:
-`W' = W * s` (per output channel) and `b' = (b - mean) * s + beta`. On the CPU the EfficientNet
-teacher spends about a fifth of its pass in BatchNorm (`benchmarks/profile_step.py`); the folded
-pass skips that and also clamps ReLU6 in place.
+`W' = W * s` (per output channel) and `b' = (b - mean) * s + beta`. The folded pass also runs
+ReLU6 in place; on the CPU the demo's teacher pass is 1.8x faster (docs/benchmarks.md).
 
-`FoldedNetwork` keeps the original network as the one owner of the weights (checkpoints, EMA,
-evaluation use it unchanged) and runs a twin that shares every tensor except the folded
+`FoldedNetwork` keeps the original network as the one owner of the weights (checkpoints, EMA and
+`cosa eval` use it unchanged) and runs a twin that shares every tensor except the folded
 convolutions' weights and biases. Those are recomputed whenever a tensor they derive from has
-changed (tracked through PyTorch's in-place version counters), so an EMA step, a
-`load_state_dict` or a move to another device can never leave the twin stale.
+changed (tracked through PyTorch's in-place version counters and data pointers), so an EMA step
+or a `load_state_dict` can never leave the twin stale.
 """
 
 from __future__ import annotations
