@@ -114,6 +114,38 @@ def test_torch_and_onnxruntime_masks_agree(tiny: TinyArtifacts) -> None:
     assert len(np.unique(expected["mask"])) > 1  # the comparison is not between constants
 
 
+def test_the_torch_runner_folds_batchnorm_and_segments_as_the_checkpoint(tmp_path: Path) -> None:
+    """An EfficientNet checkpoint runs with its BatchNorms folded (cosa.model.folding) and gives the
+    logits of the plain deploy network."""
+    import torch
+    from model_fixtures import save_net_checkpoint
+
+    from cosa.config import ModelConfig
+    from cosa.model import DeployModel, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="efficientnet_lite0", decoder_channels=16)
+    net = build_model(cfg, num_classes=len(CLASS_NAMES) - 1, load_pretrained=False).eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):  # far from the identity
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+    path = save_net_checkpoint(net, cfg, CLASS_NAMES, PALETTE, tmp_path / "effnet.pt")
+    images = batch(2, 48, 64, seed=4)
+    with torch.no_grad():
+        want_logits, want_mask = DeployModel(net).eval()(torch.from_numpy(images))
+    with TorchRunner.from_checkpoint(path, device="cpu", return_logits=True) as runner:
+        encoder = runner._module.net.encoder
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+        got = runner.infer(images)
+    scale = float(want_logits.abs().max())
+    np.testing.assert_allclose(got["logits"], want_logits.numpy(), rtol=0, atol=1e-4 * scale)
+    assert (got["mask"] == want_mask.numpy()).mean() > 0.999
+    assert len(np.unique(got["mask"])) > 1
+
+
 def test_runners_validate_their_input(tiny: TinyArtifacts) -> None:
     runner = OnnxRuntimeRunner(tiny.folder)
     with pytest.raises(InputError, match="float32"):
