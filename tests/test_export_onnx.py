@@ -29,7 +29,9 @@ from cosa.export.verify import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,
     INT8_TOLERANCE,
+    Runner,
     Tolerance,
+    VerificationReport,
     compare,
     onnxruntime_runner,
     random_images,
@@ -150,6 +152,25 @@ def _numpy_reference(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return logits.astype(np.float32), logits.argmax(1).astype(np.int32)
 
 
+def _against_reference(
+    run: Runner,
+    tolerance: Tolerance,
+    artifact: str = "a",
+    reference_name: str = "ref",
+    images: list[np.ndarray] | None = None,
+) -> VerificationReport:
+    """`compare` of `run` with the numpy reference on one random 16 x 24 image (or `images`)."""
+    return compare(
+        run,
+        _numpy_reference,
+        random_images([(1, 16, 24)]) if images is None else images,
+        artifact=artifact,
+        reference_name=reference_name,
+        images_name="random",
+        tolerance=tolerance,
+    )
+
+
 def test_onnxruntime_matches_reference_at_odd_shapes(tmp_path: Path) -> None:
     path = _save(deploy_graph(), tmp_path / "model.onnx")
     images = random_images([(1, 32, 32), (2, 21, 37), (1, 17, 50)])
@@ -177,15 +198,7 @@ def test_compare_raises_when_logits_drift_beyond_tolerance() -> None:
         return logits + 0.5, mask
 
     with pytest.raises(ExportError, match=r"at 1x3x16x24: max \|logits diff\| 0.5 >"):
-        compare(
-            drifted,
-            _numpy_reference,
-            random_images([(1, 16, 24)]),
-            artifact="a.onnx",
-            reference_name="ref",
-            images_name="random",
-            tolerance=FP32_TOLERANCE,
-        )
+        _against_reference(drifted, FP32_TOLERANCE, artifact="a.onnx")
 
 
 def test_compare_checks_only_masks_for_int8_tolerance() -> None:
@@ -193,15 +206,7 @@ def test_compare_checks_only_masks_for_int8_tolerance() -> None:
         logits, mask = _numpy_reference(images)
         return logits + 0.5, mask  # same argmax
 
-    report = compare(
-        shifted,
-        _numpy_reference,
-        random_images([(1, 16, 24)]),
-        artifact="a",
-        reference_name="ref",
-        images_name="random",
-        tolerance=INT8_TOLERANCE,
-    )
+    report = _against_reference(shifted, INT8_TOLERANCE)
     assert report.max_abs_diff == pytest.approx(0.5, abs=1e-5)
     assert report.min_mask_agreement == 1.0
 
@@ -217,26 +222,12 @@ def _half_flipped(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_compare_raises_on_mask_disagreement() -> None:
     tol = Tolerance(atol=1.0, rtol=0.0, min_mask_agreement=0.9)
     with pytest.raises(ExportError, match=r"mask agreement 0.5000 < 0.9"):
-        compare(
-            _half_flipped,
-            _numpy_reference,
-            random_images([(1, 16, 24)]),
-            artifact="a",
-            reference_name="ref",
-            images_name="random",
-            tolerance=tol,
-        )
+        _against_reference(_half_flipped, tol)
 
 
 def test_int8_tolerance_records_a_miss_without_raising(caplog: pytest.LogCaptureFixture) -> None:
-    report = compare(
-        _half_flipped,
-        _numpy_reference,
-        random_images([(1, 16, 24)]),
-        artifact="model.int8.onnx",
-        reference_name="model.onnx",
-        images_name="random",
-        tolerance=INT8_TOLERANCE,
+    report = _against_reference(
+        _half_flipped, INT8_TOLERANCE, artifact="model.int8.onnx", reference_name="model.onnx"
     )
     assert not report.passed
     assert report.failures == (
@@ -259,27 +250,10 @@ def test_compare_raises_on_wrong_output_shape_or_dtype() -> None:
         logits, mask = _numpy_reference(images)
         return logits[..., :-1], mask[..., :-1]
 
-    images = random_images([(1, 16, 24)])
     with pytest.raises(ExportError, match="returns float32/int64"):
-        compare(
-            wrong_dtype,
-            _numpy_reference,
-            images,
-            artifact="a",
-            reference_name="ref",
-            images_name="random",
-            tolerance=FP32_TOLERANCE,
-        )
+        _against_reference(wrong_dtype, FP32_TOLERANCE)
     with pytest.raises(ExportError, match=r"returns logits \(1, 3, 16, 23\)"):
-        compare(
-            wrong_size,
-            _numpy_reference,
-            images,
-            artifact="a",
-            reference_name="ref",
-            images_name="random",
-            tolerance=FP32_TOLERANCE,
-        )
+        _against_reference(wrong_size, FP32_TOLERANCE)
 
 
 def test_onnxruntime_runner_reports_an_unloadable_file(tmp_path: Path) -> None:
