@@ -1,11 +1,13 @@
-"""Shared test helpers for tiny real networks: save one as a checkpoint, and load it back for
-export with the ViT cut short (tests/test_export_*, tests/serving_fixtures.py)."""
+"""Shared test helpers for tiny real networks: save one as a checkpoint, load it back for export
+with the ViT cut short (tests/test_export_*, tests/serving_fixtures.py), and move its BatchNorms
+away from the identity (the folding tests)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from cosa.checkpoint import Checkpoint, load_deploy_model, save_checkpoint
@@ -54,3 +56,16 @@ def shallow_loader(path: Path) -> tuple[DeployModel, Checkpoint]:
     model, ckpt = load_deploy_model(path)
     cut_vit(model.net)
     return model, ckpt
+
+
+def scramble_norms(net: nn.Module, seed: int) -> None:
+    """BatchNorm statistics and affine far from the identity, so a missed fold shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                size = module.num_features
+                module.running_mean.copy_(torch.rand(size, generator=generator) * 2 - 1)
+                module.running_var.copy_(torch.rand(size, generator=generator) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(size, generator=generator) - 0.5)

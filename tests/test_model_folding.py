@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from model_fixtures import scramble_norms
 from torch import nn
 
 from cosa.config import ModelConfig
@@ -13,19 +14,6 @@ from cosa.model import CosaNet, DeployModel, build_model, ema_update, make_teach
 from cosa.model.folding import FoldedNetwork, foldable_pairs
 
 pytestmark = pytest.mark.usefixtures("no_network")  # weights come from local files only
-
-
-def scramble_norms(net: nn.Module, seed: int) -> None:
-    """BatchNorm statistics and affine far from the identity, so a missed fold shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                size = module.num_features
-                module.running_mean.copy_(torch.rand(size, generator=generator) * 2 - 1)
-                module.running_var.copy_(torch.rand(size, generator=generator) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(size, generator=generator) - 0.5)
 
 
 def networks(seed: int = 0) -> tuple[CosaNet, CosaNet]:

@@ -118,7 +118,7 @@ def test_the_torch_runner_folds_batchnorm_and_segments_as_the_checkpoint(tmp_pat
     """An EfficientNet checkpoint runs with its BatchNorms folded (cosa.model.folding) and gives the
     logits of the plain deploy network."""
     import torch
-    from model_fixtures import save_net_checkpoint
+    from model_fixtures import save_net_checkpoint, scramble_norms
 
     from cosa.config import ModelConfig
     from cosa.model import DeployModel, build_model
@@ -126,12 +126,7 @@ def test_the_torch_runner_folds_batchnorm_and_segments_as_the_checkpoint(tmp_pat
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="efficientnet_lite0", decoder_channels=16)
     net = build_model(cfg, num_classes=len(CLASS_NAMES) - 1, load_pretrained=False).eval()
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):  # far from the identity
-                module.running_mean.uniform_(-1, 1)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
+    scramble_norms(net, seed=2)
     path = save_net_checkpoint(net, cfg, CLASS_NAMES, PALETTE, tmp_path / "effnet.pt")
     images = batch(2, 48, 64, seed=4)
     with torch.no_grad():
