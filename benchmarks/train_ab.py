@@ -10,16 +10,21 @@ over rounds and the ratios B / A.
 
 The phase `run` is the demo's whole training run instead, as `cosa demo` trains it (the preset
 unchanged: its own synthetic data, every step, every evaluation, the test split at the end); it
-reports the wall time of `train()`, its CPU time and the test mIoU. `cosa demo` adds data
-generation, export and segmentation of 8 images to that (under a minute on 2 cores).
+reports the wall time of `train()`, its CPU time and the test mIoU. The phase `demo` is the whole
+`cosa demo` command, as a user runs it: data generation, that training run, the ONNX export and the
+segmentation of 8 test images; it reports the command's wall time, its CPU time, its peak resident
+memory and the test mIoU it prints.
 
     python benchmarks/train_ab.py --against 6e97449                 # this tree vs a commit
     python benchmarks/train_ab.py --system-malloc                   # this tree, malloc tuned vs not
     python benchmarks/train_ab.py --against 6e97449 --phases run --rounds 1   # the demo's training
+    python benchmarks/train_ab.py --against 6e97449 --phases demo --rounds 1  # all of `cosa demo`
 
-Only `cosa/` of the other commit is imported (training needs nothing outside it), from a
-temporary `git worktree`, so the script works against any commit whose trainer has
-`cosa.train.trainer.train`.
+The other commit comes from a temporary `git worktree`. The step phases and `run` import only its
+`cosa/` (training needs nothing outside it), so they work against any commit whose trainer has
+`cosa.train.trainer.train`. The phase `demo` runs each side's command line (`cosa.app.cli:main`)
+from a folder that lays the side's tree out as its pyproject's `package-dir` installs it, so both
+sides run the same way, neither from the editable install.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +110,69 @@ def run_once(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def installed_layout(tree: Path, dest: Path) -> Path:
+    """Lay `tree` out as its pyproject installs it (`package-dir`), with links; return the folder.
+
+    `cosa.app = "."` and `cosa.export = "export"` become `dest/cosa/app -> tree`,
+    `dest/cosa/export -> tree/export`, and so on; `dest/cosa` holds links to `tree/cosa`'s entries.
+    """
+    import tomllib  # Python 3.11+; only this phase needs it
+
+    setuptools = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_dirs = setuptools["package-dir"]
+    package = dest / "cosa"
+    package.mkdir(parents=True)
+    for entry in (tree / package_dirs.get("cosa", "cosa")).iterdir():
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry)
+    for name, folder in package_dirs.items():
+        if name.startswith("cosa."):
+            (package / name.removeprefix("cosa.")).symlink_to((tree / folder).resolve())
+    return dest
+
+
+DEMO_COMMAND = "import sys; from cosa.app.cli import main; sys.argv[0] = 'cosa'; main()"
+
+
+def run_demo(side: Side, work: Path, out: Path) -> dict:
+    """One side's `cosa demo --out OUT` in a fresh process: wall, CPU, memory and test mIoU."""
+    layout = installed_layout(side.tree, work / f"layout_{out.name}")
+    env = {
+        **os.environ,
+        **side.env,
+        "PYTHONPATH": str(layout),
+        "PYTHONWARNINGS": "ignore",
+        "COLUMNS": "200",  # one line per message, so the test mIoU can be read back
+    }
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    with open(out / "stdout.txt", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-c", DEMO_COMMAND, "demo", "--out", str(out / "demo")],
+            env=env,
+            cwd=work,
+            stdout=stdout,
+            stderr=stderr,
+        )
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own resource usage
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    printed = (out / "stdout.txt").read_text()
+    if code != 0:
+        tail = (out / "stderr.txt").read_text()[-3000:]
+        raise RuntimeError(f"{side.name} (demo) failed with exit code {code}:\n{tail}")
+    found = re.search(r"test mIoU ([0-9.]+)", printed)
+    expected = re.search(r"expected: about (\d+) min", (out / "stderr.txt").read_text())
+    return {
+        "wall_s": wall,
+        "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime,
+        "peak_rss_gb": usage.ru_maxrss / 2**20,  # KiB on Linux
+        "test_miou": float(found.group(1)) if found else float("nan"),
+        "expected_min": float(expected.group(1)) if expected else float("nan"),
+    }
+
+
 def markdown(meta: dict, table: dict) -> str:
     a, b = meta["sides"]
     lines = [
@@ -110,7 +180,8 @@ def markdown(meta: dict, table: dict) -> str:
         "",
         f"{meta['machine']}, {meta['cpus']} CPUs, load average {meta['load_at_start']} at start. "
         f"Demo preset, {meta['iters']} timed steps after {meta['warmup']} (phase `run`: the "
-        f"demo's whole training run), {meta['rounds']} rounds alternating; medians over rounds. "
+        f"demo's whole training run; phase `demo`: the whole `cosa demo` command), "
+        f"{meta['rounds']} rounds alternating; medians over rounds. "
         f"Command: `{meta['command']}`.",
         "",
         "| phase | metric | " + f"A: {a} | B: {b} | B / A |",
@@ -158,6 +229,10 @@ def main() -> None:
     from cosa.config import parse_set_option
 
     extra = parse_set_option(args.set_)
+    if "demo" in phases and (extra or args.system_malloc or Path(args.against).is_dir()):
+        parser.error(
+            "the phase demo runs `cosa demo` as a user does: give --against a commit, no --set"
+        )
     load_at_start = round(os.getloadavg()[0], 2)
 
     with tempfile.TemporaryDirectory(prefix="cosa_train_ab_") as tmp:
@@ -189,9 +264,18 @@ def main() -> None:
                 for phase in phases:
                     for side in sides:
                         run += 1
-                        row = run_once(
-                            side, data, work / f"run{run}", phase, args.warmup, args.iters, extra
-                        )
+                        if phase == "demo":
+                            row = run_demo(side, work, work / f"run{run}")
+                        else:
+                            row = run_once(
+                                side,
+                                data,
+                                work / f"run{run}",
+                                phase,
+                                args.warmup,
+                                args.iters,
+                                extra,
+                            )
                         print(
                             json.dumps({"round": round_, "phase": phase, "side": side.name, **row})
                         )
@@ -203,11 +287,14 @@ def main() -> None:
                 )
 
     step_metrics = ("sec_per_it", "sys_s_per_step", "user_s_per_step", "minor_faults_per_step")
-    run_metrics = ("wall_s", "user_s", "sys_s", "test_miou")
+    phase_metrics = {
+        "run": ("wall_s", "user_s", "sys_s", "test_miou"),
+        "demo": ("wall_s", "user_s", "sys_s", "peak_rss_gb", "test_miou", "expected_min"),
+    }
     table = {
         phase: {
             m: tuple(statistics.median(r[m] for r in results[(phase, s.name)]) for s in sides)
-            for m in (run_metrics if phase == "run" else step_metrics)
+            for m in phase_metrics.get(phase, step_metrics)
         }
         for phase in phases
     }
