@@ -9,6 +9,7 @@ import torch
 
 from cosa.errors import ConfigError
 from cosa.losses import crf_energy_loss
+from cosa.losses.crf import _filtered_and_gate
 
 SIZE = 96  # most cases; the magnitude check runs at 224
 PALETTE = torch.tensor(
@@ -133,3 +134,22 @@ def test_gradient_is_exact_when_the_gate_is_constant() -> None:
             - crf_energy_loss(minus, image, roi, ignore, window=3, dilation=1)
         ) / (2 * step)
         assert float(leaf.grad[index]) == pytest.approx(float(numeric), rel=2e-2, abs=1e-6)
+
+
+def test_kernel_weights_below_the_float32_normal_range_are_zeros() -> None:
+    # Two flat halves 207 apart in red, 13.8 sigma: the weights across the edge are exp(-95), a
+    # denormal number, which would slow every multiply-add it enters. Class 1 is the right half,
+    # so its filtered map on the left is made of those weights alone: zero, not denormal.
+    size = 64
+    image = torch.zeros(1, 3, size, size)
+    image[:, 0, :, size // 2 :] = 207.0
+    half = size // 2
+    probs = torch.zeros(1, 2, half, half)
+    probs[:, 0, :, : half // 2] = 1.0
+    probs[:, 1, :, half // 2 :] = 1.0
+    roi, ignore = torch.ones(1, 1, half, half), torch.zeros(1, size, size, dtype=torch.bool)
+    filtered, _ = _filtered_and_gate(probs, roi, image, ignore, 15.0, 100.0, 9, 2)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not bool(((filtered != 0) & (filtered.abs() < tiny)).any())
+    assert float(filtered[0, 1, :, : half // 2 - 2].abs().max()) == 0.0  # beyond the edge's blur
+    assert float(filtered[0, 0, :, : half // 2].min()) > 1.0  # same-side neighbours still count
