@@ -11,7 +11,7 @@ from torch import nn
 
 from cosa.config import ModelConfig
 from cosa.model import CosaNet, DeployModel, build_model, ema_update, make_teacher
-from cosa.model.folding import FoldedNetwork, foldable_pairs
+from cosa.model.folding import FoldedNetwork, _FoldedConv, _fused_conv_available, foldable_pairs
 
 pytestmark = pytest.mark.usefixtures("no_network")  # weights come from local files only
 
@@ -50,6 +50,31 @@ def test_every_batchnorm_of_the_efficientnet_folds_and_outputs_stay_equal() -> N
     assert_same_outputs(folded, teacher, x)
 
 
+@pytest.mark.skipif(not _fused_conv_available(), reason="needs PyTorch's oneDNN (CPU) build")
+def test_relu6_runs_inside_the_folded_convolution_as_the_unfused_pass_computes_it() -> None:
+    """Without autograd on the CPU each conv + ReLU6 is one oneDNN op and no clamp is left; with
+    autograd on, the conv and an in-place clamp run instead, with the same outputs."""
+    _, teacher = networks()
+    folded = FoldedNetwork(teacher)
+    relu6_convs = [
+        m for m in folded.refreshed().modules() if isinstance(m, _FoldedConv) and m.relu6
+    ]
+    # The stem, the first block's depthwise conv, and the expansion and depthwise conv of the 15
+    # blocks after it: every ReLU6 of the encoder.
+    assert len(relu6_convs) == 32
+    x = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)  # as in training
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fused = folded(x)
+    ops = [event.name for event in prof.events()]
+    assert ops.count("mkldnn::_convolution_pointwise") == len(relu6_convs)
+    assert "aten::clamp_" not in ops
+    unfused = folded(x)  # autograd on
+    for name in fused._fields:
+        want = getattr(unfused, name)
+        scale = float(want.abs().max())
+        torch.testing.assert_close(getattr(fused, name), want, rtol=0, atol=1e-6 * max(scale, 1.0))
+
+
 def test_the_fold_follows_ema_steps_and_loaded_weights() -> None:
     student, teacher = networks(0)
     folded = FoldedNetwork(teacher)
@@ -68,7 +93,7 @@ def test_the_fold_is_recomputed_only_when_its_inputs_change() -> None:
     student, teacher = networks()
     folded = FoldedNetwork(teacher)
     conv_name, _ = folded.pairs[0]
-    twin_conv = dict(folded._twin.named_modules())[conv_name]
+    twin_conv = dict(folded._twin.named_modules())[f"{conv_name}.conv"]
     folded.refresh()
     weight = twin_conv.weight
     folded.refresh()

@@ -155,7 +155,7 @@ class VitEncoder(Encoder):
         return patch_tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
 
 
-class _StaticSamePadConv2d(nn.Conv2d):
+class StaticSamePadConv2d(nn.Conv2d):
     """TensorFlow 'SAME' convolution with padding fixed at build time.
 
     timm's `Conv2dSame` computes its padding from the input size on every call (ceil arithmetic on
@@ -216,7 +216,7 @@ class EfficientNetLite0Encoder(Encoder):
 
     The input is cropped to a multiple of 16 (bottom/right remainder dropped, as the ViT patch conv
     does), so the grid is (H // 16, W // 16) for every backbone, and TensorFlow 'SAME' padding
-    becomes static (see `_StaticSamePadConv2d`); ReLU6 exports as a clamp (see
+    becomes static (see `StaticSamePadConv2d`); ReLU6 exports as a clamp (see
     `ExportableReLU6`). Both swaps keep timm's parameter names and the function computed. The
     classifier-only tail of the ImageNet network (conv_head, bn2, classifier) is not part of the
     encoder.
@@ -250,11 +250,11 @@ class EfficientNetLite0Encoder(Encoder):
 
 
 def _make_export_friendly(module: nn.Module) -> None:
-    """Below `module`, replace timm's `Conv2dSame` by `_StaticSamePadConv2d` (same weights) and
+    """Below `module`, replace timm's `Conv2dSame` by `StaticSamePadConv2d` (same weights) and
     `nn.ReLU6` by `ExportableReLU6`. Parameter names and values do not change."""
     for name, child in module.named_children():
         if isinstance(child, Conv2dSame):
-            fixed = _StaticSamePadConv2d(child)
+            fixed = StaticSamePadConv2d(child)
             fixed.load_state_dict(child.state_dict())
             setattr(module, name, fixed)
         elif isinstance(child, nn.ReLU6):
