@@ -173,15 +173,30 @@ def run_demo(side: Side, work: Path, out: Path) -> dict:
     }
 
 
+def tree_description() -> str:
+    """This tree's commit, and whether files differ from it: what side B ran."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"{commit or 'unknown'}{' with uncommitted changes' if changed else ''}"
+
+
 def markdown(meta: dict, table: dict) -> str:
     a, b = meta["sides"]
     lines = [
         "# Training A/B",
         "",
-        f"{meta['machine']}, {meta['cpus']} CPUs, load average {meta['load_at_start']} at start. "
-        f"Demo preset, {meta['iters']} timed steps after {meta['warmup']} (phase `run`: the "
-        f"demo's whole training run; phase `demo`: the whole `cosa demo` command), "
-        f"{meta['rounds']} rounds alternating; medians over rounds. "
+        f"{meta['machine']}, {meta['cpus']} CPUs, load average {meta['load_at_start']} at start; "
+        f"this tree is {meta['tree']}. Demo preset: the step phases time {meta['iters']} steps "
+        f"after {meta['warmup']}, `run` is the demo's whole training run, `demo` the whole "
+        f"`cosa demo` command. {meta['rounds']} round(s), sides alternating"
+        f"{', B first' if meta['b_first'] else ''}; medians over rounds. "
         f"Command: `{meta['command']}`.",
         "",
         "| phase | metric | " + f"A: {a} | B: {b} | B / A |",
@@ -213,6 +228,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--phases", default="warm-up,full")
+    parser.add_argument(
+        "--b-first",
+        action="store_true",
+        help="run side B (this tree) before side A in each round: a second run in the other "
+        "order cancels a drift of the machine's speed",
+    )
     parser.add_argument(
         "--set",
         dest="set_",
@@ -262,7 +283,7 @@ def main() -> None:
             run = 0
             for round_ in range(args.rounds):
                 for phase in phases:
-                    for side in sides:
+                    for side in sides[::-1] if args.b_first else sides:
                         run += 1
                         if phase == "demo":
                             row = run_demo(side, work, work / f"run{run}")
@@ -306,6 +327,8 @@ def main() -> None:
         "iters": args.iters,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        "b_first": args.b_first,
+        "tree": tree_description(),
         "command": "python benchmarks/train_ab.py " + " ".join(sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
