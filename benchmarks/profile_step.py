@@ -70,7 +70,7 @@ def profile_steps(preset_name: str, steps: int, skip: int, device: str) -> dict:
     step_total = sum(e.cpu_time_total for e in events if e.key == "benchmark.step")
     regions = {e.key: e.cpu_time_total for e in events if e.key.startswith(REGION_PREFIX)}
     ops = sorted(
-        (e for e in events if e.key.startswith("aten::")),
+        (e for e in events if e.key.startswith(("aten::", "mkldnn::"))),
         key=lambda e: e.self_cpu_time_total,
         reverse=True,
     )
