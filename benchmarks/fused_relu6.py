@@ -25,24 +25,24 @@ from cosa.allocator import keep_freed_memory
 from cosa.config import preset
 from cosa.files import write_text_atomic
 from cosa.model import build_model, make_teacher
-from cosa.model.folding import FoldedNetwork, _FoldedConv
+from cosa.model.folding import FoldedNetwork, _ConvReLU6
 from cosa.serving.benchmark import time_calls
 
 
-def layer_inputs(batch: int, size: int) -> list[tuple[str, _FoldedConv, torch.Tensor]]:
+def layer_inputs(batch: int, size: int) -> list[tuple[str, _ConvReLU6, torch.Tensor]]:
     """(name, layer, input) of every ReLU6 conv of the demo teacher, from one forward pass."""
     torch.manual_seed(0)
     cfg = preset("demo").model
     student = build_model(cfg, num_classes=10, load_pretrained=False)
     teacher = make_teacher(student, copy_heads=True).eval().to(memory_format=torch.channels_last)
     twin = FoldedNetwork(teacher).refreshed()
-    seen: list[tuple[str, _FoldedConv, torch.Tensor]] = []
+    seen: list[tuple[str, _ConvReLU6, torch.Tensor]] = []
     hooks = [
         module.register_forward_pre_hook(
             lambda m, args, name=name: seen.append((name, m, args[0].clone()))
         )
         for name, module in twin.named_modules()
-        if isinstance(module, _FoldedConv) and module.relu6
+        if isinstance(module, _ConvReLU6)
     ]
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -53,7 +53,7 @@ def layer_inputs(batch: int, size: int) -> list[tuple[str, _FoldedConv, torch.Te
 
 
 @torch.no_grad()
-def time_layer(name: str, layer: _FoldedConv, x: torch.Tensor, repeats: int) -> dict:
+def time_layer(name: str, layer: _ConvReLU6, x: torch.Tensor, repeats: int) -> dict:
     """p50 ms of the fused call and of conv then `clamp_` on input `x`, and their largest gap."""
     conv = layer.conv
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from cosa.config import ModelConfig
 from cosa.model import CosaNet, DeployModel, build_model, ema_update, make_teacher
-from cosa.model.folding import FoldedNetwork, _FoldedConv, _fused_conv_available, foldable_pairs
+from cosa.model.folding import FoldedNetwork, _ConvReLU6, _fused_conv_available, foldable_pairs
 
 pytestmark = pytest.mark.usefixtures("no_network")  # weights come from local files only
 
@@ -56,9 +56,7 @@ def test_relu6_runs_inside_the_folded_convolution_as_the_unfused_pass_computes_i
     autograd on, the conv and an in-place clamp run instead, with the same outputs."""
     _, teacher = networks()
     folded = FoldedNetwork(teacher)
-    relu6_convs = [
-        m for m in folded.refreshed().modules() if isinstance(m, _FoldedConv) and m.relu6
-    ]
+    relu6_convs = [m for m in folded.refreshed().modules() if isinstance(m, _ConvReLU6)]
     # The stem, the first block's depthwise conv, and the expansion and depthwise conv of the 15
     # blocks after it: every ReLU6 of the encoder.
     assert len(relu6_convs) == 32
@@ -92,8 +90,7 @@ def test_the_fold_follows_ema_steps_and_loaded_weights() -> None:
 def test_the_fold_is_recomputed_only_when_its_inputs_change() -> None:
     student, teacher = networks()
     folded = FoldedNetwork(teacher)
-    conv_name, _ = folded.pairs[0]
-    twin_conv = dict(folded._twin.named_modules())[f"{conv_name}.conv"]
+    twin_conv = folded._pairs[0].folded
     folded.refresh()
     weight = twin_conv.weight
     folded.refresh()

@@ -45,8 +45,8 @@ def _fused_conv_available() -> bool:
     )
 
 
-class _FoldedConv(nn.Module):
-    """A twin's convolution, its BatchNorm folded into its weights, with the ReLU6 that followed.
+class _ConvReLU6(nn.Module):
+    """A twin's convolution, its BatchNorm folded into its weights, and the ReLU6 that followed.
 
     Without autograd, on float32 CPU tensors, conv + bias + ReLU6 run as one oneDNN primitive
     (`mkldnn::_convolution_pointwise`, the op torch.compile's CPU backend emits for this pattern):
@@ -58,24 +58,21 @@ class _FoldedConv(nn.Module):
 
     Attributes:
         conv: the twin's conv, whose weight and bias the fold rewrites.
-        relu6: apply ReLU6 to the output.
     """
 
-    def __init__(self, conv: nn.Conv2d, relu6: bool) -> None:
+    def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         self.conv = conv
-        self.relu6 = relu6
         # Plain and statically padded convs only: a subclass may change what forward computes.
         self._fusable = (
-            relu6
-            and type(conv) in (nn.Conv2d, StaticSamePadConv2d)
+            type(conv) in (nn.Conv2d, StaticSamePadConv2d)
             and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str)
             and _fused_conv_available()
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> (B, C_out, H', W'), as the conv, then ReLU6 when `relu6`."""
+        """(B, C_in, H, W) -> (B, C_out, H', W'): the conv, then ReLU6."""
         if (
             self._fusable
             and x.device.type == "cpu"
@@ -98,8 +95,7 @@ class _FoldedConv(nn.Module):
                 [0.0, 6.0],
                 "",
             )
-        y = self.conv(x)
-        return y.clamp_(0.0, 6.0) if self.relu6 else y
+        return self.conv(x).clamp_(0.0, 6.0)
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -235,7 +231,8 @@ class FoldedNetwork(Generic[Net]):
         for conv_name, norm_name in self.pairs:
             norm, twin_conv = source_modules[norm_name], twin_modules[conv_name]
             _replace(twin_modules, norm_name, _after_norm(norm))
-            _replace(twin_modules, conv_name, _FoldedConv(twin_conv, relu6=_has_relu6(norm)))
+            if _has_relu6(norm):
+                _replace(twin_modules, conv_name, _ConvReLU6(twin_conv))
             self._pairs.append(_Pair(source_modules[conv_name], norm, twin_conv))
 
     def _stamp(self) -> tuple[tuple[int, int], ...]:
